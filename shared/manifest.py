@@ -1,0 +1,130 @@
+"""``manifest.json``: the list of a dataset's complete shards, replaced atomically.
+
+The manifest is the only source of truth for which shards exist: a shard file that is on
+disk but not in the manifest (a writer died between rename and manifest update) is never
+read. Several writers (teacher replicas) may share one dataset directory; they serialize
+their read-modify-write of the manifest with an advisory lock on ``manifest.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .schema import SCHEMA_VERSION, DatasetInfo
+
+MANIFEST = "manifest.json"
+_LOCK = "manifest.lock"
+
+
+class ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+    writer_id: str
+    created: float
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    info: DatasetInfo
+    shards: list[ShardEntry] = []
+    updated: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+
+class DatasetError(Exception):
+    """A dataset is missing, malformed, or a shard in it is damaged; the message names it."""
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    path = Path(root) / MANIFEST
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no manifest; is {root} a distillcache dataset?") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise DatasetError(
+            f"{path}: schema version {version!r}; this distillcache reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValueError as e:
+        raise DatasetError(f"{path}: {e}") from None
+
+
+def write_manifest_atomic(root: str | os.PathLike, manifest: Manifest) -> None:
+    """Write to a temporary file, fsync it, rename over the manifest, fsync the directory."""
+    root = Path(root)
+    manifest.updated = time.time()
+    tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(manifest.model_dump_json(indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST)
+    fsync_dir(root)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Manifest]:
+    """Hold the dataset's lock, yield its manifest (new if none), write it back on success.
+
+    Refuses a dataset whose existing info disagrees with ``info`` on anything a reader
+    needs to mix rows (teacher, tokenizer, k, codec).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / _LOCK, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if (root / MANIFEST).exists():
+                manifest = read_manifest(root)
+                mine, theirs = info.compatibility(), manifest.info.compatibility()
+                diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+                if diff:
+                    detail = ", ".join(f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items())
+                    raise DatasetError(f"{root}: dataset was made differently ({detail})")
+            else:
+                manifest = Manifest(info=info)
+            yield manifest
+            write_manifest_atomic(root, manifest)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

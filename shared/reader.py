@@ -1,0 +1,245 @@
+"""Reading a dataset: shards listed in the manifest, streamed one row group at a time.
+
+Memory stays bounded by one row group (the writer sizes them by scored positions). Every
+fault is raised as ``DatasetError`` naming the shard: a listed shard that is missing, one
+whose size differs from the manifest (truncated), one whose sha256 differs (altered;
+checked when ``verify=True`` or by ``verify_dataset``), or one Parquet cannot decode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .codec import decode_logprobs
+from .manifest import MANIFEST, DatasetError, Manifest, ShardEntry, read_manifest
+from .schema import PARQUET_METADATA_KEY, DatasetInfo, shard_schema
+from .writer import file_sha256
+
+
+@dataclass(frozen=True)
+class RowGroupRef:
+    """One row group of one shard: the unit of streaming, shuffling and sharding by rank."""
+
+    shard: str
+    index: int
+    rows: int
+
+
+@dataclass
+class DecodedBatch:
+    """A row group as flat numpy arrays (ids zero-copy from Arrow, log-probs decoded).
+
+    Row i's scored positions are ``pos_offsets[i]:pos_offsets[i+1]`` of the [N, k] arrays;
+    its prompt and completion ids are slices of the flat id arrays by their offsets.
+    """
+
+    keys: list[str]
+    prompt_offsets: np.ndarray
+    prompt_ids: np.ndarray
+    completion_offsets: np.ndarray
+    completion_ids: np.ndarray
+    logprob_start: np.ndarray
+    pos_offsets: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    token_logprob: np.ndarray
+    tail_logprob: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row_prompt(self, i: int) -> np.ndarray:
+        return self.prompt_ids[self.prompt_offsets[i] : self.prompt_offsets[i + 1]]
+
+    def row_completion(self, i: int) -> np.ndarray:
+        return self.completion_ids[self.completion_offsets[i] : self.completion_offsets[i + 1]]
+
+    def row_positions(self, i: int) -> slice:
+        return slice(int(self.pos_offsets[i]), int(self.pos_offsets[i + 1]))
+
+
+class ShardDataset:
+    """A dataset directory opened for reading: its manifest and row-group layout."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest: Manifest = read_manifest(self.root)
+        self.info: DatasetInfo = self.manifest.info
+        self._entries = {s.file: s for s in self.manifest.shards}
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return list(self.manifest.shards)
+
+    def open_shard(self, name: str, *, verify: bool = False) -> pq.ParquetFile:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise DatasetError(f"{self.root / name}: not listed in {self.root / MANIFEST}")
+        path = self.root / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: shard listed in the manifest is missing") from None
+        if size != entry.bytes:
+            raise DatasetError(
+                f"{path}: {size} bytes on disk, manifest says {entry.bytes} (truncated or replaced)"
+            )
+        if verify and file_sha256(path) != entry.sha256:
+            raise DatasetError(f"{path}: sha256 differs from the manifest (shard was altered)")
+        try:
+            return pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{path}: cannot open as Parquet ({e})") from None
+
+    def row_groups(self, shards: Sequence[str] | None = None) -> list[RowGroupRef]:
+        """Every row group of the chosen shards (default: all), in manifest order."""
+        refs = []
+        for name in shards if shards is not None else [s.file for s in self.manifest.shards]:
+            meta = self.open_shard(name).metadata
+            refs += [RowGroupRef(name, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        return refs
+
+    def read_row_group(
+        self, ref: RowGroupRef, columns: Sequence[str] | None = None, *, verify: bool = False
+    ) -> pa.Table:
+        pf = self.open_shard(ref.shard, verify=verify)
+        try:
+            return pf.read_row_group(ref.index, columns=list(columns) if columns else None)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{self.root / ref.shard}: row group {ref.index} unreadable ({e})") from None
+
+    def iter_tables(
+        self,
+        refs: Iterable[RowGroupRef] | None = None,
+        columns: Sequence[str] | None = None,
+        *,
+        verify: bool = False,
+    ) -> Iterator[pa.Table]:
+        verified: set[str] = set()
+        for ref in refs if refs is not None else self.row_groups():
+            check = verify and ref.shard not in verified
+            verified.add(ref.shard)
+            yield self.read_row_group(ref, columns, verify=check)
+
+    def iter_decoded(
+        self, refs: Iterable[RowGroupRef] | None = None, *, verify: bool = False
+    ) -> Iterator[DecodedBatch]:
+        for table in self.iter_tables(refs, DECODED_COLUMNS, verify=verify):
+            yield decode_table(table, self.info)
+
+    def iter_rows(self, *, verify: bool = False) -> Iterator[dict]:
+        """Rows as Python dicts with decoded float log-probs: for inspection, not training."""
+        for table in self.iter_tables(verify=verify):
+            batch = decode_table(table, self.info)
+            finish = table.column("finish_reason").to_pylist()
+            texts = table.column("completion_text").to_pylist()
+            requests = table.column("request").to_pylist()
+            metas = table.column("meta").to_pylist()
+            for i in range(len(batch)):
+                pos = batch.row_positions(i)
+                yield {
+                    "key": batch.keys[i],
+                    "prompt_ids": batch.row_prompt(i).tolist(),
+                    "completion_ids": batch.row_completion(i).tolist(),
+                    "completion_text": texts[i],
+                    "logprob_start": int(batch.logprob_start[i]),
+                    "topk_ids": batch.topk_ids[pos],
+                    "topk_logprobs": batch.topk_logprobs[pos],
+                    "token_logprob": batch.token_logprob[pos],
+                    "tail_logprob": batch.tail_logprob[pos],
+                    "finish_reason": finish[i],
+                    "request": json.loads(requests[i]) if requests[i] else {},
+                    "meta": json.loads(metas[i]) if metas[i] else {},
+                }
+
+
+DECODED_COLUMNS = (
+    "key",
+    "prompt_ids",
+    "completion_ids",
+    "logprob_start",
+    "topk_ids",
+    "topk_logprobs",
+    "token_logprob",
+    "tail_logprob",
+)
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return arr.offsets.to_numpy(), arr
+
+
+def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
+    """Arrow table (one row group) -> DecodedBatch, copying only what must be decoded."""
+    k = info.k
+    p_off, p = _flat(table.column("prompt_ids"))
+    c_off, c = _flat(table.column("completion_ids"))
+    pos_off, ids = _flat(table.column("topk_ids"))
+    _, lps = _flat(table.column("topk_logprobs"))
+    _, tok = _flat(table.column("token_logprob"))
+    _, tail = _flat(table.column("tail_logprob"))
+    base = int(pos_off[0])
+    # flatten() honours slicing, so the values start at this table's first position.
+    id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return DecodedBatch(
+        keys=table.column("key").to_pylist(),
+        prompt_offsets=p_off - p_off[0],
+        prompt_ids=p.flatten().to_numpy(zero_copy_only=False),
+        completion_offsets=c_off - c_off[0],
+        completion_ids=c.flatten().to_numpy(zero_copy_only=False),
+        logprob_start=table.column("logprob_start").to_numpy(),
+        pos_offsets=pos_off - base,
+        topk_ids=id_values,
+        topk_logprobs=decode_logprobs(lp_values, info.logprob_codec),
+        token_logprob=tok.flatten().to_numpy(zero_copy_only=False),
+        tail_logprob=tail.flatten().to_numpy(zero_copy_only=False),
+    )
+
+
+def verify_dataset(root: str | Path) -> tuple[list[str], list[str]]:
+    """Check every shard against the manifest and the schema.
+
+    Returns (faults, notes). Faults: missing, truncated, altered or unreadable shards, a
+    schema or row count that differs from the manifest. Notes: files the manifest does
+    not list (left by a writer that died before publishing; never read).
+    """
+    root = Path(root)
+    try:
+        ds = ShardDataset(root)
+    except DatasetError as e:
+        return [str(e)], []
+    faults: list[str] = []
+    expected = shard_schema(ds.info.k, ds.info.logprob_codec)
+    for entry in ds.manifest.shards:
+        path = root / entry.file
+        try:
+            pf = ds.open_shard(entry.file, verify=True)
+            schema = pf.schema_arrow
+            if not schema.remove_metadata().equals(expected):
+                faults.append(f"{path}: schema differs from the shard contract")
+            stored = (schema.metadata or {}).get(PARQUET_METADATA_KEY)
+            if stored is None or DatasetInfo.model_validate_json(stored) != ds.info:
+                faults.append(f"{path}: Parquet metadata differs from the manifest's info")
+            if pf.metadata.num_rows != entry.rows:
+                faults.append(f"{path}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
+            for i in range(pf.metadata.num_row_groups):
+                pf.read_row_group(i)
+        except DatasetError as e:
+            faults.append(str(e))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            faults.append(f"{path}: unreadable ({e})")
+    listed = {s.file for s in ds.manifest.shards}
+    notes = [
+        f"{p}: not listed in the manifest (an unpublished write; never read)"
+        for p in sorted(root.glob("*.parquet")) if p.name not in listed
+    ] + [f"{p}: temporary file of an interrupted write" for p in sorted(root.glob(".*.tmp"))]
+    return faults, notes

@@ -1,0 +1,144 @@
+"""The shard contract, declared once: columns, their Arrow types and encodings, and metadata.
+
+Both halves of distillcache (teacher and trainer) import this module; neither re-declares
+a column. A dataset is a directory with ``manifest.json`` and ``*.parquet`` shards, one row
+per sequence. The scored arrays of a row (``topk_*``, ``token_logprob``, ``tail_logprob``)
+cover the positions ``logprob_start .. len(prompt_ids) + len(completion_ids) - 1`` of the
+sequence ``prompt_ids + completion_ids``: entry j is the teacher's distribution over token
+``logprob_start + j`` given every token before it. For generated or scored completions
+``logprob_start == len(prompt_ids)``, so entry j is about completion token j.
+``request`` is the JSON of the request that made the row (mode, k, sampling parameters:
+what the cache key covers); ``meta`` is the JSON of the input row's own fields.
+
+See docs/shard-format.md for why the columns are encoded the way they are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+KEY = "key"
+PROMPT_IDS = "prompt_ids"
+COMPLETION_IDS = "completion_ids"
+COMPLETION_TEXT = "completion_text"
+LOGPROB_START = "logprob_start"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+TOKEN_LOGPROB = "token_logprob"
+TAIL_LOGPROB = "tail_logprob"
+FINISH_REASON = "finish_reason"
+REQUEST = "request"
+META = "meta"
+
+COLUMNS = (
+    KEY,
+    PROMPT_IDS,
+    COMPLETION_IDS,
+    COMPLETION_TEXT,
+    LOGPROB_START,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    TOKEN_LOGPROB,
+    TAIL_LOGPROB,
+    FINISH_REASON,
+    REQUEST,
+    META,
+)
+
+LogprobCodec = Literal["cbrt-u8", "float16", "float32"]
+
+# Parquet key-value metadata key holding the JSON of DatasetInfo.
+PARQUET_METADATA_KEY = b"distillcache"
+
+
+def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
+    """The Arrow schema of a shard holding top-``k`` log-probs stored with ``codec``."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    lp_type = {"cbrt-u8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[codec]
+    return pa.schema(
+        [
+            pa.field(KEY, pa.string(), nullable=False),
+            pa.field(PROMPT_IDS, pa.list_(pa.int32()), nullable=False),
+            pa.field(COMPLETION_IDS, pa.list_(pa.int32()), nullable=False),
+            pa.field(COMPLETION_TEXT, pa.string()),
+            pa.field(LOGPROB_START, pa.int32(), nullable=False),
+            pa.field(TOPK_IDS, pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+            pa.field(TOPK_LOGPROBS, pa.list_(pa.list_(lp_type, k)), nullable=False),
+            pa.field(TOKEN_LOGPROB, pa.list_(pa.float32()), nullable=False),
+            pa.field(TAIL_LOGPROB, pa.list_(pa.float32()), nullable=False),
+            pa.field(FINISH_REASON, pa.string()),
+            pa.field(REQUEST, pa.string()),
+            pa.field(META, pa.string()),
+        ]
+    )
+
+
+def column_encodings(codec: LogprobCodec) -> dict[str, str]:
+    """Per-leaf Parquet encodings, chosen by measurement in bench/shards.py.
+
+    Dictionary encoding is off for these leaves (pyarrow requires it off to set an
+    encoding). Top-k ids are sorted within a position, which zstd turns into ~1.3 bytes
+    per id on a 49k vocabulary; BYTE_STREAM_SPLIT groups the bytes of each number so the
+    always-zero high bytes of codes and floats compress away.
+    """
+    return {
+        f"{TOPK_IDS}.list.element.list.element": "PLAIN",
+        f"{TOPK_LOGPROBS}.list.element.list.element": "BYTE_STREAM_SPLIT",
+        f"{TOKEN_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
+        f"{TAIL_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
+    }
+
+
+class SamplingInfo(BaseModel):
+    """Every sampling parameter that changes what the teacher produced."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    seed: int | None = None
+
+
+class DatasetInfo(BaseModel):
+    """What a dataset holds and how it was made; stored in every shard and the manifest.
+
+    A dataset has exactly one DatasetInfo: a writer refuses to append shards made by
+    another teacher, tokenizer, k or codec, because the trainer must be able to mix any
+    two rows of a dataset.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    teacher_model: str
+    teacher_revision: str = "unknown"
+    tokenizer: str
+    tokenizer_hash: str
+    vocab_size: int = Field(gt=0, description="Tokens the tokenizer knows.")
+    logit_width: int = Field(gt=0, description="Width of the model's logits (may be padded).")
+    k: int = Field(gt=0)
+    logprob_codec: LogprobCodec = "cbrt-u8"
+    logprobs_mode: str = Field(
+        "raw_logprobs", description="What was stored: the teacher's raw T=1 log-softmax."
+    )
+    sampling: SamplingInfo = SamplingInfo()
+    backend: str
+    backend_version: str
+
+    def compatibility(self) -> dict[str, Any]:
+        """The fields two writers of the same dataset must agree on."""
+        return self.model_dump(include={
+            "schema_version", "teacher_model", "teacher_revision", "tokenizer_hash",
+            "vocab_size", "logit_width", "k", "logprob_codec", "logprobs_mode",
+        })
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
