@@ -120,7 +120,9 @@ def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Mani
                 mine, theirs = info.compatibility(), manifest.info.compatibility()
                 diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
                 if diff:
-                    detail = ", ".join(f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items())
+                    detail = ", ".join(
+                        f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items()
+                    )
                     raise DatasetError(f"{root}: dataset was made differently ({detail})")
             else:
                 manifest = Manifest(info=info)

@@ -103,7 +103,9 @@ class ShardDataset:
         refs = []
         for name in shards if shards is not None else [s.file for s in self.manifest.shards]:
             meta = self.open_shard(name).metadata
-            refs += [RowGroupRef(name, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+            refs += [
+                RowGroupRef(name, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
+            ]
         return refs
 
     def read_row_group(
@@ -113,7 +115,9 @@ class ShardDataset:
         try:
             return pf.read_row_group(ref.index, columns=list(columns) if columns else None)
         except (pa.ArrowException, OSError) as e:
-            raise DatasetError(f"{self.root / ref.shard}: row group {ref.index} unreadable ({e})") from None
+            raise DatasetError(
+                f"{self.root / ref.shard}: row group {ref.index} unreadable ({e})"
+            ) from None
 
     def iter_tables(
         self,
@@ -240,6 +244,7 @@ def verify_dataset(root: str | Path) -> tuple[list[str], list[str]]:
     listed = {s.file for s in ds.manifest.shards}
     notes = [
         f"{p}: not listed in the manifest (an unpublished write; never read)"
-        for p in sorted(root.glob("*.parquet")) if p.name not in listed
+        for p in sorted(root.glob("*.parquet"))
+        if p.name not in listed
     ] + [f"{p}: temporary file of an interrupted write" for p in sorted(root.glob(".*.tmp"))]
     return faults, notes

@@ -64,7 +64,9 @@ class SequenceRecord:
                 f" want {self.topk_ids.shape} like topk_ids"
             )
         if self.token_logprob.shape != (n,):
-            raise ValueError(f"{where}: token_logprob has {self.token_logprob.size} values, want {n}")
+            raise ValueError(
+                f"{where}: token_logprob has {self.token_logprob.size} values, want {n}"
+            )
         if self.tail_logprob is not None and self.tail_logprob.shape != (n,):
             raise ValueError(f"{where}: tail_logprob has {self.tail_logprob.size} values, want {n}")
         if np.isnan(self.topk_logprobs).any() or (self.topk_logprobs > 1e-4).any():

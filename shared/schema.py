@@ -135,10 +135,19 @@ class DatasetInfo(BaseModel):
 
     def compatibility(self) -> dict[str, Any]:
         """The fields two writers of the same dataset must agree on."""
-        return self.model_dump(include={
-            "schema_version", "teacher_model", "teacher_revision", "tokenizer_hash",
-            "vocab_size", "logit_width", "k", "logprob_codec", "logprobs_mode",
-        })
+        return self.model_dump(
+            include={
+                "schema_version",
+                "teacher_model",
+                "teacher_revision",
+                "tokenizer_hash",
+                "vocab_size",
+                "logit_width",
+                "k",
+                "logprob_codec",
+                "logprobs_mode",
+            }
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

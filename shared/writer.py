@@ -88,7 +88,8 @@ class ShardWriter:
             )
         self._buffer.append(record)
         self._buffer_tokens += record.n_scored
-        if self._buffer_tokens >= self.row_group_tokens:
+        full_shard = self._shard_rows + len(self._buffer) >= self.max_shard_rows
+        if full_shard or self._buffer_tokens >= self.row_group_tokens:
             self._write_row_group()
 
     def write_many(self, records: Iterable[SequenceRecord]) -> None:
@@ -143,7 +144,10 @@ class ShardWriter:
         self._shard_tokens += self._buffer_tokens
         self._buffer.clear()
         self._buffer_tokens = 0
-        if self._shard_rows >= self.max_shard_rows or self._tmp.stat().st_size >= self.max_shard_bytes:
+        if (
+            self._shard_rows >= self.max_shard_rows
+            or self._tmp.stat().st_size >= self.max_shard_bytes
+        ):
             self._publish()
 
     def _publish(self) -> ShardEntry | None:
@@ -191,8 +195,10 @@ def records_to_table(
         np.concatenate([r.topk_logprobs for r in records]),
     )
     tails = np.concatenate(
-        [r.tail_logprob if r.tail_logprob is not None else tail_logprob(r.topk_logprobs)
-         for r in records]
+        [
+            r.tail_logprob if r.tail_logprob is not None else tail_logprob(r.topk_logprobs)
+            for r in records
+        ]
     )
     stored = encode_logprobs(lps, info.logprob_codec)
     offsets = pa.array(pos_offsets, type=pa.int32())

@@ -1,0 +1,114 @@
+"""`distill inspect` and `distill verify`: look at a dataset without training on it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .codec import decode_logprobs
+from .manifest import DatasetError
+from .reader import ShardDataset, verify_dataset
+
+_BINS = np.linspace(0.0, 1.0, 11)
+
+
+def dataset_histograms(ds: ShardDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of the teacher's top-1 probability and of the tail mass, in ten bins of [0, 1].
+
+    Streams two columns one row group at a time, so it runs on datasets larger than memory.
+    """
+    top1 = np.zeros(len(_BINS) - 1, dtype=np.int64)
+    tail = np.zeros(len(_BINS) - 1, dtype=np.int64)
+    for table in ds.iter_tables(columns=["topk_logprobs", "tail_logprob"]):
+        stored = table.column("topk_logprobs").combine_chunks().flatten().flatten()
+        lp = decode_logprobs(stored.to_numpy(zero_copy_only=False), ds.info.logprob_codec)
+        p1 = np.exp(lp.reshape(-1, ds.info.k).max(axis=1))
+        pt = np.exp(table.column("tail_logprob").combine_chunks().flatten().to_numpy())
+        top1 += np.histogram(np.clip(p1, 0, 1), _BINS)[0]
+        tail += np.histogram(np.clip(pt, 0, 1), _BINS)[0]
+    return top1, tail
+
+
+def _bars(counts: np.ndarray, title: str) -> Table:
+    table = Table(title=title, show_edge=False)
+    table.add_column("range")
+    table.add_column("positions", justify="right")
+    table.add_column("", min_width=30)
+    peak = max(int(counts.max()), 1)
+    for lo, hi, n in zip(_BINS[:-1], _BINS[1:], counts, strict=True):
+        table.add_row(f"{lo:.1f}-{hi:.1f}", f"{int(n):,}", "█" * round(30 * int(n) / peak))
+    return table
+
+
+def inspect(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (holds manifest.json).")],
+) -> None:
+    """Summarize a dataset: size, bytes per token, k, teacher, tokenizer, histograms.
+
+    The histograms show the teacher's top-1 probability and the mass outside the top-k
+    per scored position: a large tail says k is too small for this teacher.
+    """
+    console = Console(soft_wrap=True)
+    try:
+        ds = ShardDataset(dataset)
+        top1, tail = dataset_histograms(ds)
+    except DatasetError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    m, info = ds.manifest, ds.info
+    summary = Table(title=str(dataset), show_header=False, show_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("shards", f"{len(m.shards)}"),
+        ("rows", f"{m.rows:,}"),
+        ("scored tokens", f"{m.tokens:,}"),
+        ("bytes", f"{m.bytes:,}"),
+        ("bytes / token", f"{m.bytes / max(m.tokens, 1):.1f}"),
+        ("bytes / top-k entry", f"{m.bytes / max(m.tokens * info.k, 1):.2f}"),
+        ("k", str(info.k)),
+        ("log-prob codec", info.logprob_codec),
+        ("teacher", f"{info.teacher_model} @ {info.teacher_revision}"),
+        ("tokenizer", f"{info.tokenizer} (sha256 {info.tokenizer_hash[:12]})"),
+        ("vocab / logit width", f"{info.vocab_size:,} / {info.logit_width:,}"),
+        ("backend", f"{info.backend} {info.backend_version}"),
+        ("sampling", ", ".join(f"{k}={v}" for k, v in info.sampling.model_dump().items())),
+        (
+            "updated",
+            datetime.fromtimestamp(m.updated, tz=UTC).isoformat(timespec="seconds"),
+        ),
+    ]
+    for name, value in rows:
+        summary.add_row(name, value)
+    console.print(summary)
+    console.print(_bars(top1, "teacher top-1 probability"))
+    console.print(_bars(tail, "probability mass outside the top-k"))
+
+
+def verify(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (holds manifest.json).")],
+) -> None:
+    """Check every shard's sha256, size, schema and row count against the manifest.
+
+    Exits non-zero on any fault and names the shard. Files the manifest does not list
+    (left by an interrupted writer) are reported but are not faults: readers never see them.
+    """
+    # soft_wrap keeps each path on one line, so it can be copied and grepped.
+    console = Console(soft_wrap=True)
+    faults, notes = verify_dataset(dataset)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    for fault in faults:
+        console.print(f"[red]fault:[/red] {fault}")
+    if faults:
+        raise typer.Exit(1)
+    ds = ShardDataset(dataset)
+    console.print(
+        f"[green]ok:[/green] {len(ds.manifest.shards)} shards, {ds.manifest.rows:,} rows verified"
+    )

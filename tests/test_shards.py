@@ -1,0 +1,324 @@
+"""The shard contract: what a writer stores, every reader gets back, whatever happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from distillcache.cli import app
+from distillcache.shared.codec import canonical_topk, decode_logprobs, encode_logprobs, tail_logprob
+from distillcache.shared.manifest import DatasetError, read_manifest
+from distillcache.shared.reader import ShardDataset, verify_dataset
+from distillcache.shared.record import SequenceRecord
+from distillcache.shared.schema import DatasetInfo
+from distillcache.shared.writer import ShardWriter
+
+VOCAB = 500
+
+
+def make_info(k: int = 8, codec: str = "float32", **overrides) -> DatasetInfo:
+    fields = dict(
+        teacher_model="tiny-teacher",
+        tokenizer="tiny-tok",
+        tokenizer_hash="0" * 64,
+        vocab_size=VOCAB,
+        logit_width=512,
+        k=k,
+        logprob_codec=codec,
+        backend="test",
+        backend_version="0",
+    )
+    fields.update(overrides)
+    return DatasetInfo(**fields)
+
+
+def make_record(rng: np.random.Generator, key: str, k: int, prompt_len: int, completion_len: int):
+    logits = rng.normal(scale=3.0, size=(completion_len, VOCAB))
+    logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    top = np.argsort(-logprobs, axis=1)[:, :k]
+    completion = rng.integers(0, VOCAB, completion_len)
+    return SequenceRecord(
+        key=key,
+        prompt_ids=rng.integers(0, VOCAB, prompt_len),
+        completion_ids=completion,
+        completion_text=f"text {key} ✓",
+        topk_ids=top,
+        topk_logprobs=np.take_along_axis(logprobs, top, axis=1),
+        token_logprob=logprobs[np.arange(completion_len), completion],
+        finish_reason="stop",
+        request={"mode": "generate", "k": k},
+        meta={"question_id": key},
+    )
+
+
+def write_dataset(root: Path, n: int, k: int = 8, codec: str = "float32", seed: int = 0, **kw):
+    rng = np.random.default_rng(seed)
+    records = [
+        make_record(rng, f"key-{i}", k, int(rng.integers(1, 6)), int(rng.integers(1, 9)))
+        for i in range(n)
+    ]
+    with ShardWriter(root, make_info(k, codec), **kw) as writer:
+        writer.write_many(records)
+    return records
+
+
+def assert_row_matches(row: dict, rec: SequenceRecord, exact: bool = True) -> None:
+    assert row["key"] == rec.key
+    assert row["prompt_ids"] == rec.prompt_ids.tolist()
+    assert row["completion_ids"] == rec.completion_ids.tolist()
+    ids, lps = canonical_topk(rec.topk_ids, rec.topk_logprobs)
+    np.testing.assert_array_equal(row["topk_ids"], ids)
+    if exact:
+        np.testing.assert_array_equal(row["topk_logprobs"], lps)
+    np.testing.assert_array_equal(row["token_logprob"], rec.token_logprob)
+    np.testing.assert_allclose(row["tail_logprob"], tail_logprob(rec.topk_logprobs))
+    assert row["meta"] == rec.meta
+    assert row["completion_text"] == rec.completion_text
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(1, 12),
+    k=st.sampled_from([1, 3, 8]),
+    seed=st.integers(0, 2**16),
+    row_group_tokens=st.integers(1, 40),
+    max_shard_rows=st.integers(1, 7),
+)
+def test_round_trip_returns_every_record_exactly(
+    tmp_path_factory, n, k, seed, row_group_tokens, max_shard_rows
+):
+    root = tmp_path_factory.mktemp("ds")
+    records = write_dataset(
+        root, n, k=k, seed=seed, row_group_tokens=row_group_tokens, max_shard_rows=max_shard_rows
+    )
+    rows = list(ShardDataset(root).iter_rows())
+    assert len(rows) == n
+    for row, rec in zip(rows, records, strict=True):
+        assert_row_matches(row, rec)
+    manifest = read_manifest(root)
+    assert manifest.rows == n
+    assert manifest.tokens == sum(r.n_scored for r in records)
+
+
+def test_compact_codec_keeps_the_topk_distribution_within_1e4_nats(tmp_path):
+    rng = np.random.default_rng(1)
+    k = 64
+    # Peaked, LM-like distributions: a few likely tokens and a long tail.
+    logits = rng.standard_t(df=2, size=(2000, VOCAB)) * 2.5
+    logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    top = np.argsort(-logprobs, axis=1)[:, :k]
+    exact = np.take_along_axis(logprobs, top, axis=1).astype(np.float32)
+    decoded = decode_logprobs(encode_logprobs(exact, "cbrt-u8"), "cbrt-u8").astype(np.float64)
+    log_p = exact - np.logaddexp.reduce(exact.astype(np.float64), axis=1, keepdims=True)
+    log_q = decoded - np.logaddexp.reduce(decoded, axis=1, keepdims=True)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
+    assert kl.mean() < 1e-4
+
+
+def test_tail_keeps_precision_when_topk_holds_nearly_all_mass():
+    # Top-2 holds 1 - 1e-7 of the mass: 1 - sum(p) in float32 would round to 0 or worse.
+    tail = 1e-7
+    lps = np.log(np.array([[0.6, 0.4 - tail]], dtype=np.float64)).astype(np.float32)
+    got = float(np.exp(tail_logprob(lps)[0]))
+    assert got == pytest.approx(tail, rel=0.25)
+
+
+def test_writer_refuses_a_dataset_made_by_another_teacher(tmp_path):
+    write_dataset(tmp_path, 2)
+    with pytest.raises(DatasetError, match="teacher_model"):
+        ShardWriter(tmp_path, make_info(teacher_model="another"))
+
+
+def test_record_with_wrong_shape_names_the_field():
+    rng = np.random.default_rng(0)
+    rec = make_record(rng, "x", 4, 2, 3)
+    with pytest.raises(ValueError, match="token_logprob"):
+        SequenceRecord(
+            key="x",
+            prompt_ids=rec.prompt_ids,
+            completion_ids=rec.completion_ids,
+            topk_ids=rec.topk_ids,
+            topk_logprobs=rec.topk_logprobs,
+            token_logprob=rec.token_logprob[:2],
+        )
+
+
+def test_reader_streams_one_row_group_at_a_time(tmp_path):
+    write_dataset(tmp_path, 30, row_group_tokens=16)
+    ds = ShardDataset(tmp_path)
+    refs = ds.row_groups()
+    assert len(refs) > 5
+    assert sum(len(b) for b in ds.iter_decoded(refs)) == 30
+    assert max(b.topk_ids.shape[0] for b in ds.iter_decoded(refs)) < 16 + 8
+
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_shards import make_info, make_record
+    from distillcache.shared.writer import ShardWriter
+    rng = np.random.default_rng(0)
+    writer = ShardWriter({root!r}, make_info(), max_shard_rows=50, row_group_tokens=80)
+    i = 0
+    while True:
+        writer.write(make_record(rng, f"key-{{i}}", 8, 4, 8))
+        i += 1
+        if i == 120:
+            print("published", flush=True)
+    """
+)
+
+
+def test_writer_killed_mid_shard_leaves_only_complete_verified_shards(tmp_path):
+    script = _KILLED_WRITER.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "published"
+    time.sleep(0.3)  # let it get well into the next shard
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    faults, notes = verify_dataset(tmp_path)
+    assert faults == []
+    assert any("temporary file of an interrupted write" in n for n in notes)
+    ds = ShardDataset(tmp_path)
+    assert ds.manifest.rows >= 100
+    assert ds.manifest.rows % 50 == 0
+    keys = [row["key"] for row in ds.iter_rows(verify=True)]
+    assert keys == [f"key-{i}" for i in range(len(keys))]
+
+
+def _flip_one_byte(path: Path, where: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_caught_by_distill_verify_naming_the_shard(tmp_path):
+    write_dataset(tmp_path, 20, max_shard_rows=10)
+    shard = tmp_path / read_manifest(tmp_path).shards[1].file
+    _flip_one_byte(shard, shard.stat().st_size // 2)
+
+    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert result.exit_code != 0
+    assert shard.name in result.output
+    assert "altered" in result.output
+
+
+def test_truncated_shard_is_named_when_read(tmp_path):
+    write_dataset(tmp_path, 10)
+    shard = tmp_path / read_manifest(tmp_path).shards[0].file
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match=shard.name):
+        list(ShardDataset(tmp_path).iter_rows())
+
+
+def test_missing_shard_is_named(tmp_path):
+    write_dataset(tmp_path, 10)
+    shard = tmp_path / read_manifest(tmp_path).shards[0].file
+    shard.unlink()
+    faults, _ = verify_dataset(tmp_path)
+    assert any(shard.name in f and "missing" in f for f in faults)
+
+
+def test_verify_passes_on_a_sound_dataset(tmp_path):
+    write_dataset(tmp_path, 10, max_shard_rows=4)
+    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "3 shards" in result.output
+
+
+def test_inspect_shows_rows_k_and_histograms(tmp_path):
+    write_dataset(tmp_path, 10, k=8, codec="cbrt-u8")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for expected in (
+        "rows",
+        "10",
+        "bytes / token",
+        "tiny-teacher",
+        "top-1 probability",
+        "outside the top-k",
+    ):
+        assert expected in result.output
+
+
+def _reference_columns(records: list[SequenceRecord]) -> dict:
+    ids = [canonical_topk(r.topk_ids, r.topk_logprobs)[0].tolist() for r in records]
+    return {
+        "key": [r.key for r in records],
+        "prompt_ids": [r.prompt_ids.tolist() for r in records],
+        "topk_ids": ids,
+        "meta": [json.loads(r.meta_json()) for r in records],
+    }
+
+
+def _normalize(keys, prompts, topk, metas) -> dict:
+    def plain(x):
+        return (
+            [plain(v) for v in x] if hasattr(x, "__iter__") and not isinstance(x, str) else int(x)
+        )
+
+    return {
+        "key": list(keys),
+        "prompt_ids": [plain(p) for p in prompts],
+        "topk_ids": [plain(t) for t in topk],
+        "meta": [json.loads(m) for m in metas],
+    }
+
+
+def test_shards_open_identically_in_the_ecosystems_readers(tmp_path):
+    records = write_dataset(tmp_path, 12, codec="cbrt-u8", max_shard_rows=5)
+    names = [s.file for s in read_manifest(tmp_path).shards]
+    files = [str(tmp_path / n) for n in names]
+    want = _reference_columns(records)
+    cols = ["key", "prompt_ids", "topk_ids", "meta"]
+
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    from datasets import load_dataset
+
+    t = pq.read_table(files)
+    got = {"pyarrow": _normalize(*(t.column(c).to_pylist() for c in cols))}
+    df = pd.concat([pd.read_parquet(f) for f in files])
+    got["pandas"] = _normalize(*(df[c].tolist() for c in cols))
+    pdf = pl.concat([pl.read_parquet(f) for f in files])
+    got["polars"] = _normalize(*(pdf[c].to_list() for c in cols))
+    rel = duckdb.execute(
+        "select key, prompt_ids, topk_ids, meta, filename, file_row_number "
+        "from read_parquet(?, filename=true, file_row_number=true)",
+        [files],
+    ).fetchall()
+    order = {f: i for i, f in enumerate(files)}
+    rel.sort(key=lambda r: (order[r[4]], r[5]))
+    got["duckdb"] = _normalize(*zip(*[r[:4] for r in rel], strict=True))
+    hf = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    got["datasets"] = _normalize(*(hf[c] for c in cols))
+
+    for reader, values in got.items():
+        assert values == want, reader
+
+
+def test_shard_files_carry_the_dataset_info_in_parquet_metadata(tmp_path):
+    write_dataset(tmp_path, 3)
+    shard = tmp_path / read_manifest(tmp_path).shards[0].file
+    meta = pq.read_schema(shard).metadata[b"distillcache"]
+    info = DatasetInfo.model_validate_json(meta)
+    assert info == make_info()
+    assert os.path.getsize(shard) == read_manifest(tmp_path).shards[0].bytes
