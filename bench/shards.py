@@ -221,6 +221,13 @@ def main() -> None:
     parser.add_argument("--ks", default="20,64", help="comma-separated k values")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DISTILL_CACHE", ".cache")))
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats; the best is kept")
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=16,
+        help="write this many copies of the scored tokens, each in a fresh random order of"
+        " positions: shard-sized writes, without repeats that zstd could exploit",
+    )
     args = parser.parse_args()
 
     # One core: the figures are per core, and comparable across machines of any size.
@@ -229,9 +236,15 @@ def main() -> None:
     pa.set_io_thread_count(1)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     ks = [int(x) for x in args.ks.split(",")]
-    all_ids, all_lps, vocab = teacher_topk(args.cache_dir, args.tokens, max(ks))
+    real_ids, real_lps, vocab = teacher_topk(args.cache_dir, args.tokens, max(ks))
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(len(real_ids)) for _ in range(args.copies)])
+    all_ids, all_lps = real_ids[order], real_lps[order]
 
-    print(f"SmolLM2-135M-Instruct over {len(all_ids):,} tokens of real text, vocab {vocab:,}, one core")
+    print(
+        f"SmolLM2-135M-Instruct over {len(real_ids):,} tokens of real text x {args.copies}"
+        f" shuffled copies = {len(all_ids):,} positions, vocab {vocab:,}, one core"
+    )
     header = f"{'k':>3} {'format':<24} {'B/token':>9} {'B/entry':>8} {'vs raw':>7} {'write tok/s':>12} {'read tok/s':>11} {'KL nats/tok':>12}"
     print(header)
     print("-" * len(header))

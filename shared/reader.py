@@ -109,9 +109,14 @@ class ShardDataset:
         return refs
 
     def read_row_group(
-        self, ref: RowGroupRef, columns: Sequence[str] | None = None, *, verify: bool = False
+        self,
+        ref: RowGroupRef,
+        columns: Sequence[str] | None = None,
+        *,
+        verify: bool = False,
+        opened: pq.ParquetFile | None = None,
     ) -> pa.Table:
-        pf = self.open_shard(ref.shard, verify=verify)
+        pf = opened or self.open_shard(ref.shard, verify=verify)
         try:
             return pf.read_row_group(ref.index, columns=list(columns) if columns else None)
         except (pa.ArrowException, OSError) as e:
@@ -126,11 +131,12 @@ class ShardDataset:
         *,
         verify: bool = False,
     ) -> Iterator[pa.Table]:
-        verified: set[str] = set()
+        # Consecutive row groups of one shard share its opened file (and its parsed footer).
+        name, pf = None, None
         for ref in refs if refs is not None else self.row_groups():
-            check = verify and ref.shard not in verified
-            verified.add(ref.shard)
-            yield self.read_row_group(ref, columns, verify=check)
+            if ref.shard != name:
+                name, pf = ref.shard, self.open_shard(ref.shard, verify=verify)
+            yield self.read_row_group(ref, columns, opened=pf)
 
     def iter_decoded(
         self, refs: Iterable[RowGroupRef] | None = None, *, verify: bool = False

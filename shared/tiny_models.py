@@ -47,8 +47,8 @@ CHATML_TEMPLATE = (
 )
 
 # transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX, copied rather than
-# imported: it is a private detail of that module, and the tokenizer must not change
-# meaning when transformers moves it.
+# imported because it is a private detail of that module; a test compares the loaded
+# tokenizer with tokenizer.json, so a drift in transformers shows up there.
 QWEN2_SPLIT_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
