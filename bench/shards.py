@@ -27,6 +27,7 @@ import pkgutil
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -153,12 +154,17 @@ def bench_distillcache(ids, lps, vocab, codec, workdir):
 
 def bench_parquet_f16(ids, lps, workdir):
     k = ids.shape[1]
-    offsets = pa.array(np.arange(0, len(ids) + ROW_TOKENS, ROW_TOKENS).clip(max=len(ids)).astype(np.int32))
+    offsets = pa.array(
+        np.arange(0, len(ids) + ROW_TOKENS, ROW_TOKENS).clip(max=len(ids)).astype(np.int32)
+    )
     table = pa.table(
         {
-            "topk_ids": pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), k)),
+            "topk_ids": pa.ListArray.from_arrays(
+                offsets, pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), k)
+            ),
             "topk_logprobs": pa.ListArray.from_arrays(
-                offsets, pa.FixedSizeListArray.from_arrays(pa.array(lps.astype(np.float16).ravel()), k)
+                offsets,
+                pa.FixedSizeListArray.from_arrays(pa.array(lps.astype(np.float16).ravel()), k),
             ),
         }
     )
@@ -168,9 +174,17 @@ def bench_parquet_f16(ids, lps, workdir):
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     t = pq.read_table(path)
-    got_ids = torch.from_numpy(t.column("topk_ids").combine_chunks().flatten().flatten().to_numpy().reshape(-1, k))
+    got_ids = torch.from_numpy(
+        t.column("topk_ids").combine_chunks().flatten().flatten().to_numpy().reshape(-1, k)
+    )
     got_lps = torch.from_numpy(
-        t.column("topk_logprobs").combine_chunks().flatten().flatten().to_numpy().astype(np.float32).reshape(-1, k)
+        t.column("topk_logprobs")
+        .combine_chunks()
+        .flatten()
+        .flatten()
+        .to_numpy()
+        .astype(np.float32)
+        .reshape(-1, k)
     )
     read_s = time.perf_counter() - t0
     assert got_ids.shape[0] == len(ids)
@@ -185,7 +199,9 @@ def bench_raw(ids, lps, workdir):
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     got = torch.from_numpy(np.fromfile(workdir / f"raw-{k}.ids", dtype=np.int32).reshape(-1, k))
-    got_lps = torch.from_numpy(np.fromfile(workdir / f"raw-{k}.lps", dtype=np.float32).reshape(-1, k))
+    got_lps = torch.from_numpy(
+        np.fromfile(workdir / f"raw-{k}.lps", dtype=np.float32).reshape(-1, k)
+    )
     read_s = time.perf_counter() - t0
     assert got.shape[0] == len(ids)
     size = (workdir / f"raw-{k}.ids").stat().st_size + (workdir / f"raw-{k}.lps").stat().st_size
@@ -198,7 +214,13 @@ def bench_jsonl(ids, lps, workdir):
     t0 = time.perf_counter()
     with open(path, "w") as f:
         for pos in range(len(ids)):
-            entry = {"pos": pos, "topk": [{"id": int(i), "logprob": float(v)} for i, v in zip(ids[pos], lps[pos])]}
+            entry = {
+                "pos": pos,
+                "topk": [
+                    {"id": int(i), "logprob": float(v)}
+                    for i, v in zip(ids[pos], lps[pos], strict=True)
+                ],
+            }
             f.write(json.dumps(entry) + "\n")
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -216,10 +238,14 @@ def bench_jsonl(ids, lps, workdir):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=16384, help="tokens of real text to score")
     parser.add_argument("--ks", default="20,64", help="comma-separated k values")
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DISTILL_CACHE", ".cache")))
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(os.environ.get("DISTILL_CACHE", ".cache"))
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats; the best is kept")
     parser.add_argument(
         "--copies",
@@ -252,12 +278,12 @@ def main() -> None:
         ids, lps = all_ids[:, :k].copy(), all_lps[:, :k].copy()
         n = len(ids)
         variants = {
-            "distillcache cbrt-u8": lambda d: bench_distillcache(ids, lps, vocab, "cbrt-u8", d),
-            "distillcache float16": lambda d: bench_distillcache(ids, lps, vocab, "float16", d),
-            "distillcache float32": lambda d: bench_distillcache(ids, lps, vocab, "float32", d),
-            "parquet-f16 (plain)": lambda d: bench_parquet_f16(ids, lps, d),
-            "raw-f32 (baseline)": lambda d: bench_raw(ids, lps, d),
-            "jsonl (baseline)": lambda d: bench_jsonl(ids, lps, d),
+            "distillcache cbrt-u8": partial(bench_distillcache, ids, lps, vocab, "cbrt-u8"),
+            "distillcache float16": partial(bench_distillcache, ids, lps, vocab, "float16"),
+            "distillcache float32": partial(bench_distillcache, ids, lps, vocab, "float32"),
+            "parquet-f16 (plain)": partial(bench_parquet_f16, ids, lps),
+            "raw-f32 (baseline)": partial(bench_raw, ids, lps),
+            "jsonl (baseline)": partial(bench_jsonl, ids, lps),
         }
         results = {}
         for name, run in variants.items():
@@ -268,7 +294,11 @@ def main() -> None:
                     size, w, r, kl = run(workdir)
                 finally:
                     shutil.rmtree(workdir)
-                best = (size, w, r, kl) if best is None else (size, min(best[1], w), min(best[2], r), kl)
+                best = (
+                    (size, w, r, kl)
+                    if best is None
+                    else (size, min(best[1], w), min(best[2], r), kl)
+                )
             results[name] = best
         raw_size = results["raw-f32 (baseline)"][0]
         for name, (size, w, r, kl) in results.items():

@@ -80,20 +80,28 @@ def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
     )
 
 
-def column_encodings(codec: LogprobCodec) -> dict[str, str]:
-    """Per-leaf Parquet encodings, chosen by measurement in bench/shards.py.
+def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
+    """Per-column Parquet encodings for ``pq.ParquetWriter``, chosen by measurement.
 
-    Dictionary encoding is off for these leaves (pyarrow requires it off to set an
-    encoding). Top-k ids are sorted within a position, which zstd turns into ~1.3 bytes
-    per id on a 49k vocabulary; BYTE_STREAM_SPLIT groups the bytes of each number so the
-    always-zero high bytes of codes and floats compress away.
+    See docs/shard-format.md for the figures. Top-k ids are sorted within a position;
+    BYTE_STREAM_SPLIT puts each byte of the ids in its own stream, so the high bytes (zero
+    or nearly constant below a 16M vocabulary) compress away and zstd sees the low bytes'
+    structure. One-byte log-prob codes are stored as INT32 by Parquet: dictionary encoding
+    bit-packs them back to at most 8 bits before zstd, which is both smaller and faster
+    than compressing four bytes per code. Floats use BYTE_STREAM_SPLIT (sign/exponent
+    bytes compress, mantissa bytes do not).
     """
-    return {
-        f"{TOPK_IDS}.list.element.list.element": "PLAIN",
-        f"{TOPK_LOGPROBS}.list.element.list.element": "BYTE_STREAM_SPLIT",
+    dictionary = ["key", "finish_reason", "request"]
+    encodings = {
+        f"{TOPK_IDS}.list.element.list.element": "BYTE_STREAM_SPLIT",
         f"{TOKEN_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
         f"{TAIL_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
     }
+    if codec == "cbrt-u8":
+        dictionary.append(f"{TOPK_LOGPROBS}.list.element.list.element")
+    else:
+        encodings[f"{TOPK_LOGPROBS}.list.element.list.element"] = "BYTE_STREAM_SPLIT"
+    return {"use_dictionary": dictionary, "column_encoding": encodings}
 
 
 class SamplingInfo(BaseModel):

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .codec import canonical_topk, encode_logprobs, tail_logprob
 from .manifest import ShardEntry, fsync_dir, locked_manifest
 from .record import SequenceRecord
-from .schema import PARQUET_METADATA_KEY, DatasetInfo, column_encodings, shard_schema
+from .schema import PARQUET_METADATA_KEY, DatasetInfo, parquet_options, shard_schema
 
 
 def default_writer_id() -> str:
@@ -135,8 +135,7 @@ class ShardWriter:
                 self.schema,
                 compression="zstd",
                 compression_level=self.compression_level,
-                use_dictionary=["key", "finish_reason", "request"],
-                column_encoding=column_encodings(self.info.logprob_codec),
+                **parquet_options(self.info.logprob_codec),
                 write_statistics=["key", "logprob_start"],
             )
         self._pq.write_table(table, row_group_size=len(self._buffer))
@@ -190,17 +189,16 @@ def records_to_table(
     n_scored = np.fromiter((r.n_scored for r in records), dtype=np.int64, count=len(records))
     pos_offsets = np.zeros(len(records) + 1, dtype=np.int32)
     np.cumsum(n_scored, out=pos_offsets[1:])
-    ids, lps = canonical_topk(
-        np.concatenate([r.topk_ids for r in records]),
-        np.concatenate([r.topk_logprobs for r in records]),
+    raw = np.concatenate([r.topk_logprobs for r in records])
+    tails = tail_logprob(raw)
+    for r, start in zip(records, pos_offsets[:-1], strict=True):
+        if r.tail_logprob is not None:
+            tails[start : start + r.n_scored] = r.tail_logprob
+    # Encoding is per entry, so it commutes with the sort by id; sorting the encoded
+    # values moves fewer bytes.
+    ids, stored = canonical_topk(
+        np.concatenate([r.topk_ids for r in records]), encode_logprobs(raw, info.logprob_codec)
     )
-    tails = np.concatenate(
-        [
-            r.tail_logprob if r.tail_logprob is not None else tail_logprob(r.topk_logprobs)
-            for r in records
-        ]
-    )
-    stored = encode_logprobs(lps, info.logprob_codec)
     offsets = pa.array(pos_offsets, type=pa.int32())
 
     def per_position(flat: np.ndarray, field: str) -> pa.Array:
