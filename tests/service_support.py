@@ -1,0 +1,149 @@
+"""Helpers for the teacher service tests: a tiny local teacher, real servers, job polling.
+
+Servers are real: uvicorn on a free port, in a thread of the test process (quick, one
+backend load) or as a `distill serve` subprocess (when a test must SIGKILL it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from distillcache.services.teacher.api import create_app
+from distillcache.services.teacher.cli import open_backend
+from distillcache.services.teacher.settings import TeacherSettings
+from distillcache.shared.tiny_models import build_tiny_model
+
+DISTILL = str(Path(sys.executable).parent / "distill")
+
+
+def build_teacher(out_dir: Path, tokenizer_dir: Path, max_position_embeddings: int = 512) -> Path:
+    """A 2-layer, 128-wide Qwen2 with head size 64 (vLLM's CPU attention accepts it)."""
+    return build_tiny_model(
+        out_dir,
+        tokenizer_dir,
+        hidden_size=128,
+        num_heads=2,
+        num_layers=2,
+        intermediate_size=256,
+        max_position_embeddings=max_position_embeddings,
+        seed=0,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=2)
+            if r.status_code == 200:
+                return
+            if r.json().get("status") == "failed":
+                raise RuntimeError(f"the teacher failed to load: {r.json()['error']}")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+@contextmanager
+def thread_server(
+    settings: TeacherSettings, load_backend: Callable[[], Awaitable[Any]] | None = None
+) -> Iterator[str]:
+    """The app for ``settings`` under uvicorn in a thread; yields its base URL once it
+    answers (ready, unless ``load_backend`` replaces the settings' backend loading)."""
+    settings = settings.model_copy(update={"port": free_port(), "host": "127.0.0.1"})
+    app = create_app(settings, load_backend or (lambda: open_backend(settings)))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{settings.host}:{settings.port}"
+    try:
+        if load_backend is None:
+            wait_ready(url)
+        else:
+            while not server.started:
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@contextmanager
+def serve_process(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`distill serve ARGS --port <free>` as a subprocess; yields (URL, process)."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [DISTILL, "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process=process)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """One JSON value per line; a str is written as it is (a malformed line)."""
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def question_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"id": f"q{i}", "question": f"What is {i} + {i % 7}?"} for i in range(start, start + n)]
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still running after {timeout} s")
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    """A counter's value from /metrics (0 when it has no sample yet)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
