@@ -1,0 +1,420 @@
+"""The reference teacher: plain PyTorch forward passes through a Hugging Face causal LM.
+
+Every log-prob is the exact float32 log-softmax over the tokenizer's whole vocabulary
+(the model's logits sliced to ``len(tokenizer)``: Qwen pads the logit width past the
+tokenizer, and the padding columns are not tokens). This is what the vLLM backend is
+checked against, and what runs on machines without vLLM, GPU or CPU.
+
+Batching never changes what a request gets, up to float rounding: scoring right-pads
+with an attention mask, generation left-pads with explicit position ids (so RoPE sees
+the same positions as an unpadded run), and each sampled request draws from its own
+``torch.Generator`` seeded from its ``Sampling.seed``. Matrix products over a different
+batch shape may round differently in the last bits; that is the only difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from distillcache.services.teacher.backend import (
+    GenerateRequest,
+    Sampling,
+    ScoreRequest,
+    TeacherOutput,
+)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+CPU_GQA_ATTENTION = "distillcache_sdpa_gqa"
+
+
+def sdpa_with_grouped_kv(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with grouped K/V heads handed to the kernel as they are.
+
+    With a padding mask, transformers copies every K/V head group-fold (``repeat_kv``)
+    before each attention call, because CUDA's masked kernels lack GQA. PyTorch's CPU
+    kernel takes ``enable_gqa`` with a mask and gives bit-identical results, so on CPU
+    that copy of the whole KV cache per layer and step is pure waste: about 10% of a
+    decode step at 100 tokens of context for SmolLM2 (9 query / 3 KV heads), growing
+    with the context.
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=bool(causal and attention_mask is None and q_length == kv_length > 1),
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CPU_GQA_ATTENTION, sdpa_with_grouped_kv)
+AttentionMaskInterface.register(CPU_GQA_ATTENTION, sdpa_mask)
+
+
+def model_revision(model: str | Path, revision: str | None = None) -> str:
+    """The revision that identifies these exact weights, for cache keys and metadata.
+
+    A hub id (or a directory inside the Hugging Face cache) gives its commit hash, read
+    from the cache's ``snapshots/<commit>`` directory after loading. A plain local
+    directory has no commit, so it gets ``dir-sha256:`` + a hash of ``config.json``'s
+    bytes and the names and sizes of its weight files: cheap (no weight bytes are read)
+    and it changes whenever the checkpoint is rewritten with other shapes or files.
+    """
+    path = Path(model)
+    if path.is_dir():
+        resolved = path.resolve()
+        if resolved.parent.name == "snapshots":
+            return resolved.name
+        digest = hashlib.sha256()
+        config = resolved / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
+        for file in sorted(resolved.rglob("*")):
+            if file.is_file() and file.name.endswith(WEIGHT_SUFFIXES):
+                digest.update(f"{file.relative_to(resolved)}\0{file.stat().st_size}\n".encode())
+        return "dir-sha256:" + digest.hexdigest()[:16]
+    try:
+        cached = try_to_load_from_cache(str(model), "config.json", revision=revision)
+    except HFValidationError:
+        cached = None
+    if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots":
+        return Path(cached).parent.name
+    return revision or "unknown"
+
+
+def stop_token_ids(tokenizer, generation_config) -> frozenset[int]:
+    """The tokenizer's eos plus the generation config's eos ids: what vLLM stops on too."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    extra = getattr(generation_config, "eos_token_id", None)
+    if extra is not None:
+        ids.update(int(i) for i in ([extra] if isinstance(extra, int) else extra))
+    return frozenset(ids)
+
+
+@dataclass
+class _Capture:
+    """Per-position top-k and actual-token log-probs of one request, grown step by step."""
+
+    topk_ids: list[torch.Tensor]
+    topk_logprobs: list[torch.Tensor]
+    token_logprobs: list[torch.Tensor]
+
+
+class TransformersBackend:
+    """A Hugging Face causal LM held in memory; one forward pass runs at a time."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_k: int = 64,
+        max_model_len: int | None = None,
+        revision: str | None = None,
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        self.model_id = str(model)
+        self.version = transformers.__version__
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model,
+            revision=revision,
+            dtype=getattr(torch, dtype),
+            attn_implementation=CPU_GQA_ATTENTION if self.device.type == "cpu" else "sdpa",
+        ).to(self.device)
+        self.model.eval()
+        self.revision = model_revision(model, revision)
+        self.vocab_size = len(self.tokenizer)
+        self.logit_width = int(self.model.get_output_embeddings().weight.shape[0])
+        if self.logit_width < self.vocab_size:
+            raise ValueError(
+                f"{model}: the model's logit width {self.logit_width} is below the "
+                f"tokenizer's {self.vocab_size} tokens"
+            )
+        self.max_k = max_k
+        self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
+        self.max_batch_tokens = max_batch_tokens
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self._lock = threading.Lock()
+
+    async def generate(self, requests: list[GenerateRequest]) -> list[TeacherOutput]:
+        for request in requests:
+            self._check_k(request.k)
+            if not 0 < len(request.prompt_ids) < self.max_model_len:
+                raise ValueError(
+                    f"prompt of {len(request.prompt_ids)} tokens: generation needs 1 to "
+                    f"{self.max_model_len - 1} (max_model_len {self.max_model_len})"
+                )
+        return await asyncio.to_thread(self._run, requests, self._generate_batch, _prompt_len)
+
+    async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]:
+        for request in requests:
+            self._check_k(request.k)
+            total = len(request.prompt_ids) + len(request.completion_ids)
+            start = _logprob_start(request)
+            if total > self.max_model_len:
+                raise ValueError(
+                    f"prompt + completion of {total} tokens exceed max_model_len "
+                    f"{self.max_model_len}"
+                )
+            if not 1 <= start < total:
+                raise ValueError(f"logprob_start {start} must lie in 1..{total - 1}")
+        return await asyncio.to_thread(self._run, requests, self._score_batch, _score_len)
+
+    async def close(self) -> None:
+        """Drop the weights so the memory is free before the process ends."""
+        with self._lock:
+            self.model = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _check_k(self, k: int) -> None:
+        if not 0 <= k <= min(self.max_k, self.vocab_size):
+            raise ValueError(f"k={k} outside 0..{min(self.max_k, self.vocab_size)}")
+
+    def _run(self, requests, run_batch, length) -> list[TeacherOutput]:
+        """Run `requests` in token-bounded batches of similar length, in request order out."""
+        outputs: list[TeacherOutput | None] = [None] * len(requests)
+        with self._lock, torch.inference_mode():
+            for indices in _batches(requests, length, self.max_batch_tokens):
+                for index, output in zip(
+                    indices, run_batch([requests[i] for i in indices]), strict=True
+                ):
+                    outputs[index] = output
+        return outputs
+
+    def _score_batch(self, batch: list[ScoreRequest]) -> list[TeacherOutput]:
+        """Teacher forcing of a right-padded batch; logits only from the first scored position."""
+        sequences = [list(r.prompt_ids) + list(r.completion_ids) for r in batch]
+        starts = [_logprob_start(r) for r in batch]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        # Position p's logits predict token p + 1: scoring tokens start.. needs start - 1..
+        first = min(starts) - 1
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            logits_to_keep=width - first,
+            use_cache=False,
+        ).logits
+        outputs = []
+        for row, (request, sequence, start) in enumerate(
+            zip(batch, sequences, starts, strict=True)
+        ):
+            rows = logits[row, start - 1 - first : len(sequence) - 1 - first, : self.vocab_size]
+            targets = torch.tensor(sequence[start:], device=self.device)
+            topk_ids, topk_logprobs, token_logprob = _topk_and_token(rows, targets, request.k)
+            outputs.append(
+                TeacherOutput(
+                    prompt_ids=list(request.prompt_ids),
+                    completion_ids=list(request.completion_ids),
+                    completion_text=self.tokenizer.decode(
+                        request.completion_ids, skip_special_tokens=True
+                    ),
+                    logprob_start=start,
+                    topk_ids=topk_ids.cpu().numpy().astype(np.int32),
+                    topk_logprobs=topk_logprobs.cpu().numpy(),
+                    token_logprob=token_logprob.cpu().numpy(),
+                    finish_reason="stop",
+                )
+            )
+        return outputs
+
+    def _generate_batch(self, batch: list[GenerateRequest]) -> list[TeacherOutput]:
+        """Autoregressive decoding of a left-padded batch with a KV cache.
+
+        Finished requests leave the batch (their cache rows are dropped), so a long
+        completion never makes short ones pay for its steps.
+        """
+        width = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, request in enumerate(batch):
+            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            attention_mask[row, width - len(request.prompt_ids) :] = 1
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        budgets = [
+            min(r.sampling.max_tokens, self.max_model_len - len(r.prompt_ids)) for r in batch
+        ]
+        generators = [_generator(r.sampling, self.device) for r in batch]
+        captures = [_Capture([], [], []) for _ in batch]
+        completions: list[list[int]] = [[] for _ in batch]
+        finish = ["length"] * len(batch)
+        max_k = max(r.k for r in batch)
+        active = list(range(len(batch)))
+        cache = DynamicCache(config=self.model.config)
+        step_ids = input_ids
+        step_positions = position_ids
+        while active:
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, : self.vocab_size]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            tokens = _next_tokens(
+                logprobs, [batch[i].sampling for i in active], [generators[i] for i in active]
+            )
+            token_logprobs = logprobs.gather(-1, tokens[:, None])[:, 0]
+            topk_logprobs, topk_ids = logprobs.topk(max_k, dim=-1)
+            still = []
+            for row, (index, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                k = batch[index].k
+                capture = captures[index]
+                capture.topk_ids.append(topk_ids[row, :k])
+                capture.topk_logprobs.append(topk_logprobs[row, :k])
+                capture.token_logprobs.append(token_logprobs[row])
+                completions[index].append(token)
+                if token in self.stop_ids:
+                    finish[index] = "stop"
+                elif len(completions[index]) < budgets[index]:
+                    still.append(row)
+            if not still:
+                break
+            if len(still) < len(active):
+                keep = torch.tensor(still, device=self.device)
+                cache.batch_select_indices(keep)
+                attention_mask = attention_mask[keep]
+                position_ids = position_ids[keep]
+                tokens = tokens[keep]
+                active = [active[row] for row in still]
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1
+            )
+            position_ids = position_ids[:, -1:] + 1
+            step_positions = position_ids
+            step_ids = tokens[:, None]
+        return [
+            TeacherOutput(
+                prompt_ids=list(request.prompt_ids),
+                completion_ids=completion,
+                completion_text=self.tokenizer.decode(completion, skip_special_tokens=True),
+                logprob_start=len(request.prompt_ids),
+                topk_ids=torch.stack(capture.topk_ids).cpu().numpy().astype(np.int32),
+                topk_logprobs=torch.stack(capture.topk_logprobs).cpu().numpy(),
+                token_logprob=torch.stack(capture.token_logprobs).cpu().numpy(),
+                finish_reason=reason,
+            )
+            for request, capture, completion, reason in zip(
+                batch, captures, completions, finish, strict=True
+            )
+        ]
+
+
+def _topk_and_token(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k (sorted, descending) and the targets' log-probs from exact float32 log-softmax."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
+    return topk_ids, topk_logprobs, logprobs.gather(-1, targets[:, None])[:, 0]
+
+
+def _next_tokens(
+    logprobs: torch.Tensor,
+    samplings: Sequence[Sampling],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Greedy (argmax) rows at temperature 0, else temperature + top-p sampling per row.
+
+    Each sampled row draws from its own generator, so its tokens depend on its seed and
+    its own logits only, never on its neighbours in the batch.
+    """
+    tokens = logprobs.argmax(dim=-1)
+    for row, (sampling, generator) in enumerate(zip(samplings, generators, strict=True)):
+        if sampling.temperature <= 0:
+            continue
+        probs = torch.softmax(logprobs[row] / sampling.temperature, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always).
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
+
+
+def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """A private RNG per sampled request: seeded when the request says so, else fresh."""
+    if sampling.temperature <= 0:
+        return None
+    generator = torch.Generator(device=device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(sampling.seed)
+    return generator
+
+
+def _logprob_start(request: ScoreRequest) -> int:
+    return len(request.prompt_ids) if request.logprob_start is None else request.logprob_start
+
+
+def _prompt_len(request: GenerateRequest) -> int:
+    return len(request.prompt_ids) + request.sampling.max_tokens
+
+
+def _score_len(request: ScoreRequest) -> int:
+    return len(request.prompt_ids) + len(request.completion_ids)
+
+
+def _batches(requests: Sequence, length, max_tokens: int) -> Iterator[list[int]]:
+    """Indices of `requests` grouped by length so rows x longest stays within `max_tokens`.
+
+    Sorting by length keeps padding small; a request longer than the budget runs alone.
+    """
+    order = sorted(range(len(requests)), key=lambda i: length(requests[i]))
+    batch: list[int] = []
+    for index in order:
+        longest = length(requests[index])
+        if batch and (len(batch) + 1) * longest > max_tokens:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch

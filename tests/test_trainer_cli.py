@@ -1,0 +1,108 @@
+"""``distill train``: flags and config files mirror ``TrainConfig``; a real run from each."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+import yaml
+from test_trainer_helpers import task_tokenizer, tiny_model, write_teacher_shards
+from typer.testing import CliRunner
+
+from distillcache.cli import app
+from distillcache.shared.tiny_models import synthetic_task_rows
+from distillcache.trainer.cli import config_flags, train
+from distillcache.trainer.config import TrainConfig, load_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = task_tokenizer(root / "tokenizer")
+    teacher = tiny_model(root / "teacher", tokenizer, seed=3)
+    rows = list(synthetic_task_rows(40, seed=6))
+    shards = write_teacher_shards(teacher, rows, root / "shards", k=4, row_group_tokens=400)
+    return {"shards": shards, "student": tiny_model(root / "student", tokenizer, seed=5)}
+
+
+def test_every_config_field_is_a_flag_and_every_flag_a_config_field():
+    parameters = set(inspect.signature(train).parameters)
+    assert parameters == {"config", *TrainConfig.model_fields}
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in config_flags().values():
+        assert flag in result.output
+
+
+def test_help_says_reverse_kl_and_jsd_over_a_cached_top_k_are_approximations():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.split())
+    assert "reverse_kl and jsd over a cached top-k are approximations" in text
+
+
+def test_toml_yaml_and_flags_give_the_same_config(tmp_path):
+    settings = {
+        "data": "d",
+        "student": "s",
+        "output_dir": "o",
+        "loss": "jsd",
+        "beta": 0.2,
+        "temperature": 2.0,
+        "packing": True,
+        "eval_data": "e",
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    # JSON scalars are TOML scalars too, booleans included; keys in the flags' spelling.
+    toml = "".join(
+        f"{key.replace('_', '-')} = {json.dumps(value)}\n" for key, value in settings.items()
+    )
+    (tmp_path / "c.toml").write_text(toml)
+    from_yaml = load_config(tmp_path / "c.yaml", {})
+    from_toml = load_config(tmp_path / "c.toml", {})
+    from_flags = load_config(None, settings)
+    assert from_yaml == from_toml == from_flags
+    overridden = load_config(tmp_path / "c.yaml", {"beta": 0.9, "packing": False, "loss": None})
+    assert (overridden.beta, overridden.packing, overridden.loss) == (0.9, False, "jsd")
+
+
+def test_a_bad_value_is_reported_with_its_flag(tmp_path):
+    args = ["train", "--data", "d", "--student", "s", "--output-dir", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--temperature", "0"])
+    assert result.exit_code == 2
+    assert "--temperature" in result.output
+    result = runner.invoke(app, ["train", "--data", "d"])
+    assert result.exit_code == 2 and "--student" in result.output
+
+
+def test_unknown_keys_in_a_config_file_are_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: d\nstudent: s\noutput_dir: o\nlearning_rate: 1\n")
+    result = runner.invoke(app, ["train", "--config", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 2
+    assert "learning-rate" in result.output or "learning_rate" in result.output
+
+
+def test_distill_train_runs_from_a_config_file_with_a_flag_overriding_it(world, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "run.toml").write_text(
+        f'data = "{world["shards"]}"\nstudent = "{world["student"]}"\n'
+        f'output-dir = "{out}"\nmax-steps = 50\nbatch-size = 4\nlr = 1e-3\n'
+        'progress = false\ntensorboard = true\nloss = "tvd"\n'
+    )
+    result = runner.invoke(app, ["train", "-c", str(tmp_path / "run.toml"), "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["loss"] == "tvd" and saved["batch_size"] == 4
+    assert (out / "model.safetensors").exists() and (out / "checkpoint-2").is_dir()
+    assert list((out / "tb").iterdir())

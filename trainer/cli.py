@@ -1,0 +1,99 @@
+"""``distill train``: flags generated from ``TrainConfig``, plus ``--config FILE``.
+
+Each config field becomes ``--field-name`` (booleans get ``--x/--no-x``) with the field's
+description as help, so flags, config files and the Python API cannot disagree. Flags
+default to "not given" so that a config file's value survives unless a flag overrides it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from rich.markup import escape
+
+from .config import APPROXIMATION_NOTE, TrainConfig, load_config
+
+HELP = (
+    "Distil a student from a teacher-logit cache (or SFT on a seed file).\n\n"
+    "Token-level KD reads the teacher's top-k log-probs from shards; --loss sft trains on "
+    "the teacher's completions only (sequence-level KD). Run under torchrun or accelerate "
+    "launch for several processes (DDP, or --distributed fsdp). Settings come from "
+    "defaults, then --config (TOML or YAML, keys are the flag names), then flags.\n\n"
+    f"Note: {APPROXIMATION_NOTE}; on-policy training scores the student's own tokens."
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """``X | None`` -> ``X``: every flag is optional, None meaning "not given"."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
+    base = _base_type(field.annotation)
+    flag = _flag(name)
+    declaration = f"{flag}/--no-{flag[2:]}" if base is bool else flag
+    default = "required" if field.is_required() else f"default: {field.default}"
+    # Escaped: rich would read "[default: 1.0]" as a style tag and drop it.
+    help_text = escape(f"{field.description} [{default}]")
+    option = typer.Option(declaration, help=help_text, show_default=False)
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[base | None, option],
+    )
+
+
+def config_flags() -> dict[str, str]:
+    """Config field -> its flag, for every field of ``TrainConfig``."""
+    return {name: _flag(name) for name in TrainConfig.model_fields}
+
+
+def train(config: Path | None = None, **flags: Any) -> None:
+    from .loop import train as run_training
+
+    try:
+        settings = load_config(config, flags)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{_flag(str(err['loc'][0])) if err['loc'] else 'config'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise typer.BadParameter(problems) from None
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    result = run_training(settings)
+    typer.echo(f"saved {result}")
+
+
+train.__doc__ = HELP
+train.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config", "-c", help="TOML or YAML file of settings (flag names as keys)."
+                ),
+            ],
+        ),
+        *(_parameter(name, field) for name, field in TrainConfig.model_fields.items()),
+    ]
+)

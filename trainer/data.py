@@ -1,0 +1,58 @@
+"""Which data a run trains and evaluates on, opened and checked before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from distillcache.shared.schema import DatasetInfo
+
+from .config import TrainConfig
+from .seq_kd import SeedFileSource, is_seed_file
+from .stream import ShardSource, Source, split_held_out
+from .student import check_tokenizer
+
+
+@dataclass
+class RunData:
+    """The training source and units, and the held-out source and units (maybe none)."""
+
+    source: Source
+    train_units: list[Any]
+    eval_source: Source
+    eval_units: list[Any]
+    info: DatasetInfo | None
+
+
+def _open(path: str, config: TrainConfig, tokenizer: PreTrainedTokenizerBase, *, teacher: bool):
+    if is_seed_file(path):
+        return SeedFileSource(path, tokenizer)
+    source = ShardSource(path, with_teacher=teacher)
+    check_tokenizer(tokenizer, config.student, source.info)
+    return source
+
+
+def open_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> RunData:
+    """Open ``data`` (and ``eval_data``), check the student's tokenizer against shards.
+
+    Must run before a pad token is added to ``tokenizer``: the check hashes its specials.
+    Evaluation always reads the teacher's top-k when the data has it, so an SFT run is
+    measured by the same KL to the teacher as a KD run.
+    """
+    if is_seed_file(config.data) and config.loss != "sft":
+        raise ValueError(
+            f"{config.data} is a seed file: it holds the teacher's text but no log-probs, so "
+            f"only --loss sft can train on it (run the teacher over it for --loss {config.loss})"
+        )
+    source = _open(config.data, config, tokenizer, teacher=config.loss != "sft")
+    train_units, held = split_held_out(source.units(), config.eval_fraction, source.unit_name)
+    eval_source = source
+    if isinstance(source, ShardSource) and not source.with_teacher:
+        eval_source = ShardSource(config.data, with_teacher=True)
+    if config.eval_data is not None:
+        eval_source = _open(config.eval_data, config, tokenizer, teacher=True)
+        held = eval_source.units()
+    info = source.info if isinstance(source, ShardSource) else None
+    return RunData(source, train_units, eval_source, held, info)

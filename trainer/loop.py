@@ -1,0 +1,261 @@
+"""The training loop: AdamW, warmup + cosine, accumulation, clipping, eval, checkpoints.
+
+One optimizer step takes ``grad_accum`` micro-batches per rank. The loss is a per-token
+mean over every target position of the step on every rank: the micro-batches are read
+first, their positions are counted and summed over ranks, and each micro-batch's summed
+loss is divided by that count (times the world size, which DDP's and FSDP's gradient
+averaging divides out again). So short and long sequences weigh the same whatever the
+batch layout or the number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from distillcache.shared.inputs import ensure_pad_token
+
+from .batching import Batch, iter_batches
+from .checkpoint import (
+    check_resumable,
+    full_model_state,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_model,
+)
+from .config import TrainConfig
+from .data import RunData, open_data
+from .distributed import DistEnv, all_reduce_sum, init_distributed, is_fsdp, shutdown, unwrap, wrap
+from .evaluate import evaluate
+from .metrics import MetricsLog
+from .sparse_kd import LossSpec
+from .stream import DataPosition, iter_examples, iter_held_out
+from .student import DistillStudent, load_student, load_tokenizer
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) training; returns the final model's directory (``output_dir``), or
+    the checkpoint written when ``stop_at_step`` ended the invocation early."""
+    env = init_distributed(config.device)
+    try:
+        return _train(config, env)
+    finally:
+        shutdown(env)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying norms and biases only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+@contextlib.contextmanager
+def _gradient_sync(wrapped: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not sync:
+        with wrapped.no_sync():
+            yield
+        return
+    if is_fsdp(wrapped):
+        wrapped.set_requires_gradient_sync(sync)
+    yield
+
+
+def _eval_batches(data: RunData, config: TrainConfig, env: DistEnv, pad_id: int):
+    rows = iter_held_out(data.eval_source, data.eval_units, rank=env.rank, world=env.world)
+    stream = ((example, DataPosition()) for example in rows)
+    for batch, _ in iter_batches(
+        stream,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        pad_id=pad_id,
+        packing=config.packing,
+    ):
+        yield batch
+
+
+def _train(config: TrainConfig, env: DistEnv) -> Path:
+    out = Path(config.output_dir)
+    resume = resolve_resume(config)
+    if resume is not None:
+        check_resumable(resume, config, env)
+    torch.manual_seed(config.seed)
+
+    tokenizer = load_tokenizer(config.student)
+    data = open_data(config, tokenizer)
+    ensure_pad_token(tokenizer)
+    vocab_size = len(tokenizer)
+    model = load_student(str(resume or config.student), vocab_size)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    spec = LossSpec(
+        vocab_size=vocab_size,
+        loss=config.loss,
+        beta=config.beta,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        tail=config.tail,
+        chunk_size=config.chunk_size,
+    )
+    module = DistillStudent(model, spec).to(env.device)
+    module.train()
+    wrapped = wrap(module, config.distributed, env, tuple(model._no_split_modules or ()))
+    optimizer = build_optimizer(model, config)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
+    )
+    step, position = 0, DataPosition()
+    if resume is not None:
+        state = load_checkpoint(
+            resume, model=model, optimizer=optimizer, scheduler=scheduler, env=env
+        )
+        step, position = state.step, state.position
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(config.to_json())
+
+    use_bf16 = env.device.type == "cuda" and config.bf16
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    fsdp = is_fsdp(wrapped)
+    eval_forward = wrapped if fsdp else unwrap(wrapped)
+
+    def run_eval() -> dict[str, float]:
+        module.eval()
+        result = evaluate(
+            lambda batch: eval_forward(batch, evaluate=True),
+            _eval_batches(data, config, env, tokenizer.pad_token_id),
+            env,
+            lockstep=fsdp,
+            autocast=autocast,
+        )
+        module.train()
+        return result
+
+    batches = iter_batches(
+        iter_examples(
+            data.source,
+            data.train_units,
+            seed=config.seed,
+            rank=env.rank,
+            world=env.world,
+            window_rows=config.shuffle_window,
+            start=position,
+        ),
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        pad_id=tokenizer.pad_token_id,
+        packing=config.packing,
+    )
+    log = MetricsLog(out, enabled=env.main, tensorboard=config.tensorboard)
+    keys = open(out / f"keys-rank{env.rank}.txt", "a") if config.record_keys else None
+    end = config.stop_at_step or config.max_steps
+    running = torch.zeros(4, dtype=torch.float64, device=env.device)
+    last_log, saved_at, evaluated_at = time.perf_counter(), -1, -1
+    has_eval = bool(data.eval_units)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            out,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            position=position,
+            config=config,
+            env=env,
+            sharded=fsdp,
+        )
+
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not (env.main and config.progress),
+    )
+    result = out
+    with progress:
+        task = progress.add_task("train", total=config.max_steps, completed=step, info="")
+        while step < end:
+            micro: list[tuple[Batch, DataPosition]] = [
+                next(batches) for _ in range(config.grad_accum)
+            ]
+            position = micro[-1][1]
+            local = float(sum(batch.n_targets for batch, _ in micro))
+            tokens = all_reduce_sum(torch.tensor([local], device=env.device), env).item()
+            scale = env.world / tokens
+            for i, (batch, _) in enumerate(micro):
+                if keys is not None:
+                    keys.writelines(key + "\n" for key in batch.keys)
+                with _gradient_sync(wrapped, i == len(micro) - 1):
+                    with autocast():
+                        loss, stats = wrapped(batch.to(env.device))
+                    (loss * scale).backward()
+                running += torch.cat(
+                    [loss.detach().view(1), stats, loss.new_tensor([batch.n_targets])]
+                ).to(running)
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % config.log_every == 0 or step == end:
+                sums = all_reduce_sum(running.clone(), env).tolist()
+                now = time.perf_counter()
+                count = max(sums[3], 1.0)
+                values = {
+                    "train/loss": sums[0] / count,
+                    "train/kd": sums[1] / count,
+                    "train/ce": sums[2] / count,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": sums[3] / (now - last_log),
+                }
+                log.write(step, values)
+                progress.update(task, info=f"loss {values['train/loss']:.4f}")
+                running.zero_()
+                last_log = now
+            progress.update(task, completed=step)
+            if has_eval and config.eval_every and step % config.eval_every == 0:
+                log.write(step, run_eval())
+                evaluated_at = step
+            if config.save_every and step % config.save_every == 0:
+                result = checkpoint()
+                saved_at = step
+
+    if step == config.max_steps and has_eval and evaluated_at != step:
+        log.write(step, run_eval())
+    if saved_at != step:
+        result = checkpoint()
+    if step == config.max_steps:
+        state = full_model_state(model)
+        if env.main:
+            save_model(out, model, state, tokenizer)
+        result = out
+    log.close()
+    if keys is not None:
+        keys.close()
+    return result

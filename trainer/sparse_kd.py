@@ -1,0 +1,247 @@
+"""The student's output head, run in chunks along the sequence: where the memory goes.
+
+Naive KD builds the student's logits for every position ([batch, seq, vocab], 2.5 GB in
+float32 at 4 x 1024 x 151,936), their log-softmax, a dense teacher tensor of the same
+size, and keeps most of them for the backward pass. Here the head takes the final hidden
+states of only the positions that have a target ([N, hidden]) and walks them in chunks of
+``chunk_size`` positions. For each chunk it computes the logits, the loss, and at once
+the loss's gradient with respect to the chunk's hidden states and the head's weight (the
+same idea as Liger's fused linear cross-entropy), then drops the chunk. Nothing of size
+[N, vocab] ever exists; the peak is a few [chunk, vocab] float32 tensors. The backward
+pass only scales the stored gradients by the incoming one, so there is no recomputation
+and the time stays that of plain cross-entropy training: three matmuls per position.
+
+The teacher side is never densified either: its top-k ids index the student's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LossName, TailMode
+from .losses import combine, divergence, student_log_probs, teacher_log_probs
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss to compute and how the head is chunked.
+
+    ``vocab_size`` is the tokenizer's vocabulary: logit rows past it are padding (Qwen pads
+    151,665 tokens to 151,936 or 152,064 rows) and never take part in a softmax.
+    """
+
+    vocab_size: int
+    loss: LossName = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.0
+    tail: TailMode = "bucket"
+    chunk_size: int = 512
+
+    def tail_for(self, k: int) -> TailMode:
+        """The tail mode actually used: a top-k that covers the vocabulary leaves no tail."""
+        return "renormalize" if k >= self.vocab_size else self.tail
+
+
+def head_chunk(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    teacher: torch.Tensor | None,
+    spec: LossSpec,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-position (loss, divergence, CE) of one chunk, and d(sum of loss)/d(logits).
+
+    ``logits`` [c, vocab] float32 is consumed: it is overwritten in place and becomes
+    the returned gradient, so a chunk costs one [c, vocab] buffer. ``labels`` [c] are the
+    tokens that came next; ``topk_ids`` [c, k] and ``teacher`` (``teacher_log_probs``)
+    the teacher's sparse distribution, None for ``sft``.
+
+    The divergence only sees the student through its logits at the top-k, ``z_S``, and
+    (tail bucket) the log-sum-exp of the others, ``r``; it runs through the pure
+    functions of ``losses`` with autograd on those [c, k+1] numbers. The vocabulary-wide
+    part of the gradient is then written by hand, because it is simple and is where the
+    memory and time go: ``dr/dz_j = exp(z_j - r)`` off the top-k, and the hard-label CE
+    adds ``alpha * (softmax(z) - onehot(y))``. Passes over the [c, vocab] buffer: max,
+    subtract, exp, sum, scale, as many as a fused cross-entropy makes.
+    """
+    sft = spec.loss == "sft"
+    alpha = 1.0 if sft else spec.alpha
+    if not sft and (topk_ids is None or teacher is None):
+        raise ValueError(f"loss {spec.loss!r} needs the teacher's top-k; use 'sft' without it")
+    label_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    top_logits = None if sft else logits.gather(1, topk_ids)
+    peak = logits.amax(dim=-1, keepdim=True)
+    # From here on the buffer holds exp(z - max), off the top-k only (once zeroed there).
+    exp = logits.sub_(peak).exp_()
+    peak = peak.squeeze(1)
+    if sft:
+        total = exp.sum(dim=-1)
+    else:
+        top_exp = exp.gather(1, topk_ids)
+        exp.scatter_(1, topk_ids, 0.0)
+        rest = exp.sum(dim=-1)
+        total = rest + top_exp.sum(dim=-1)
+    ce = peak + total.log() - label_logits
+    if sft:
+        kd = torch.zeros_like(ce)
+        soft = kd
+    else:
+        tail = spec.tail_for(topk_ids.shape[-1])
+        # Every rest logit can underflow exp(z - max) when the student is absurdly sure;
+        # the bucket's log-mass is then bounded at float32's smallest normal number.
+        rest = rest.clamp_min(torch.finfo(torch.float32).tiny)
+        with torch.enable_grad():
+            top = top_logits.detach().requires_grad_(want_grad)
+            rest_lse = (peak + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
+            student = student_log_probs(top, rest_lse, spec.temperature, tail)
+            kd = divergence(spec.loss, teacher, student, spec.beta)
+            soft = combine(kd, torch.zeros_like(kd), spec.temperature, alpha)
+            if want_grad:
+                leaves = [top] if rest_lse is None else [top, rest_lse]
+                grads = torch.autograd.grad(soft.sum(), leaves)
+        kd, soft = kd.detach(), soft.detach()
+    loss = soft + alpha * ce
+    if not want_grad:
+        return loss, kd, ce, None
+    coefficient = alpha / total
+    if not sft and tail == "bucket":
+        coefficient = coefficient + grads[1] / rest
+    grad = exp.mul_(coefficient.unsqueeze(1))
+    if not sft:
+        grad.scatter_(1, topk_ids, grads[0] + top_exp * (alpha / total).unsqueeze(1))
+    if alpha > 0.0:
+        grad.scatter_add_(1, labels.unsqueeze(1), torch.full_like(ce, -alpha).unsqueeze(1))
+    return loss, kd, ce, grad
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when autocast is on for the device, else the hidden
+    states' own. Softmaxes and the weight's gradient stay in float32 either way."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum over positions of the loss; gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, topk_ids, teacher, spec):
+        vocab = spec.vocab_size
+        dtype = _compute_dtype(hidden)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            head = weight[:vocab].to(dtype)
+            for start in range(0, hidden.shape[0], spec.chunk_size):
+                end = start + spec.chunk_size
+                h = hidden[start:end].to(dtype)
+                logits = (h @ head.T).float()
+                ids = None if topk_ids is None else topk_ids[start:end]
+                target = None if teacher is None else teacher[start:end]
+                loss, kd, ce, grad_logits = head_chunk(
+                    logits, labels[start:end], ids, target, spec, want_grad=need_h or need_w
+                )
+                if grad_logits is not None:
+                    grad_logits = grad_logits.to(dtype)
+                    if need_h:
+                        grad_h[start:end] = grad_logits @ head
+                    if need_w and dtype == torch.float32:
+                        grad_w[:vocab].addmm_(grad_logits.T, h)
+                    elif need_w:
+                        grad_w[:vocab] += grad_logits.T @ h
+                totals += torch.stack([loss.sum(), kd.sum(), ce.sum()]).double()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        stats = totals[1:].float()
+        ctx.mark_non_differentiable(stats)
+        return totals[0].float(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        # The stored gradients are scaled in place: this graph is backpropagated once.
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    tail_logprob: torch.Tensor | None,
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed training loss over N target positions, and [divergence sum, CE sum].
+
+    ``hidden`` [N, H]: the student's final hidden states at the positions that predict a
+    target; ``weight`` [logit width, H]: its output head (rows past ``spec.vocab_size``
+    are ignored and get zero gradient); ``labels`` [N]; the teacher's ``topk_ids`` [N, k],
+    raw ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] (None for ``sft``). The loss is
+    a sum so that the caller can normalize by the tokens of a whole optimizer step.
+    """
+    teacher = None
+    if spec.loss != "sft" and topk_ids is not None:
+        tail = spec.tail_for(topk_ids.shape[-1])
+        teacher = teacher_log_probs(topk_logprobs, tail_logprob, spec.temperature, tail)
+    return _ChunkedHeadLoss.apply(hidden, weight, labels, topk_ids, teacher, spec)
+
+
+@torch.no_grad()
+def chunked_head_metrics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    tail_logprob: torch.Tensor | None,
+    vocab_size: int,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Evaluation sums over N positions: [KL to teacher, top-1 agreements, CE, positions].
+
+    KL is forward KL(teacher || student) at T=1 on the top-k plus tail bucket: the
+    teacher's full distribution coarse-grained to k+1 outcomes, the closest the cache
+    gets to the true KL (a lower bound of it). Top-1 agreement: the student's argmax over
+    the vocabulary equals the teacher's most likely token. CE: ``-log p(label)`` of the
+    token the teacher actually produced. Without a teacher (plain SFT data) the KL and
+    agreement sums are zero.
+    """
+    spec = LossSpec(
+        vocab_size=vocab_size, loss="forward_kl" if topk_ids is not None else "sft", tail="bucket"
+    )
+    dtype = _compute_dtype(hidden)
+    head = weight[:vocab_size].to(dtype)
+    totals = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+    teacher = teacher_top1 = None
+    if topk_ids is not None:
+        tail = spec.tail_for(topk_ids.shape[-1])
+        teacher = teacher_log_probs(topk_logprobs, tail_logprob, 1.0, tail)
+        teacher_top1 = topk_ids.gather(1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(1)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = (hidden[start:end].to(dtype) @ head.T).float()
+            if teacher_top1 is not None:
+                totals[1] += (logits.argmax(-1) == teacher_top1[start:end]).sum()
+            ids = None if topk_ids is None else topk_ids[start:end]
+            target = None if teacher is None else teacher[start:end]
+            _, kd, ce, _ = head_chunk(logits, labels[start:end], ids, target, spec, want_grad=False)
+            totals[0] += kd.sum().double()
+            totals[2] += ce.sum().double()
+    totals[3] = hidden.shape[0]
+    return totals

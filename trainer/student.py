@@ -1,0 +1,107 @@
+"""The student: loaded, checked against the shards, and wrapped so one forward gives a loss.
+
+``DistillStudent`` runs the model's body to its final hidden states, picks the positions
+that have a target and hands them to the chunked head (``sparse_kd``), so the model's own
+``lm_head`` is never applied to the whole sequence. The loss lives inside ``forward`` so
+that DDP and FSDP see the head's weight used inside the module they wrap (FSDP gathers
+the weight only for the duration of the root module's forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from distillcache.shared.keys import tokenizer_hash
+from distillcache.shared.schema import DatasetInfo
+
+from .batching import Batch
+from .sparse_kd import LossSpec, chunked_head_loss, chunked_head_metrics
+
+# Config attributes of architectures whose logits are transformed after the linear head;
+# the chunked head computes hidden @ W.T only, so such students would train on wrong logits.
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class TokenizerMismatch(ValueError):
+    """The student's tokenizer is not the one the shards' token ids belong to."""
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, info: DatasetInfo) -> None:
+    """Refuse a student whose vocabulary differs from the teacher's in the shards.
+
+    Compared by ``shared.keys.tokenizer_hash`` (vocabulary and special tokens), before any
+    pad token is added. Top-k ids are only meaningful to a student with the same ids.
+    """
+    got = tokenizer_hash(tokenizer)
+    if got != info.tokenizer_hash:
+        raise TokenizerMismatch(
+            f"the student's tokenizer ({name}, vocabulary hash {got[:12]}) is not the one the "
+            f"shards were made with ({info.tokenizer}, hash {info.tokenizer_hash[:12]}): the "
+            "teacher's top-k token ids would mean other tokens to this student. Distilling "
+            "across tokenizers needs the cross-tokenizer mode (not available in this trainer "
+            "yet); pick a student that shares the teacher's tokenizer."
+        )
+    if len(tokenizer) != info.vocab_size:
+        raise TokenizerMismatch(
+            f"the student's tokenizer has {len(tokenizer)} tokens, the shards say {info.vocab_size}"
+        )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_student(path: str, vocab_size: int) -> nn.Module:
+    """The student in float32 (master weights; bf16 comes from autocast), checked for a
+    head the chunked loss can drive: a plain linear layer at least ``vocab_size`` wide."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for attribute in _HEAD_TRANSFORMS:
+        value = getattr(model.config, attribute, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"{path}: {attribute}={value} transforms the logits after the output layer, "
+                "which the chunked head does not reproduce"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"{path}: the output head must be a linear layer without bias")
+    width = head.weight.shape[0]
+    if width < vocab_size:
+        raise ValueError(
+            f"{path}: the model's logit width {width} is smaller than the tokenizer's "
+            f"{vocab_size} tokens"
+        )
+    return model
+
+
+class DistillStudent(nn.Module):
+    """A causal LM whose forward returns the distillation loss of a batch (or eval sums).
+
+    Logit rows past ``spec.vocab_size`` (a padded head, e.g. 152,064 rows for 151,665
+    tokens) are left out of every softmax.
+    """
+
+    def __init__(self, model: nn.Module, spec: LossSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(
+        self, batch: Batch, evaluate: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        hidden = self.model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        hidden = hidden[batch.target_rows, batch.target_cols]
+        weight = self.model.get_output_embeddings().weight
+        targets = (batch.labels, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob)
+        if evaluate:
+            return chunked_head_metrics(
+                hidden, weight, *targets, self.spec.vocab_size, self.spec.chunk_size
+            )
+        return chunked_head_loss(hidden, weight, *targets, self.spec)
