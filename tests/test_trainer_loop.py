@@ -21,6 +21,7 @@ from distillcache.shared.tiny_models import synthetic_task_rows, train_tokenizer
 from distillcache.trainer.batching import iter_batches
 from distillcache.trainer.checkpoint import latest_checkpoint
 from distillcache.trainer.config import TrainConfig
+from distillcache.trainer.evaluate import evaluate_model
 from distillcache.trainer.loop import train
 from distillcache.trainer.sparse_kd import LossSpec
 from distillcache.trainer.stream import DataPosition, ShardSource
@@ -124,6 +125,15 @@ def test_checkpoints_load_with_from_pretrained(world, tmp_path):
     }
     evals = [r for r in metrics(tmp_path) if "eval/kl" in r]
     assert evals[-1]["step"] == 4 and evals[-1]["eval/tokens"] > 0
+
+
+def test_a_teacher_evaluated_on_its_own_shards_is_at_zero_kl_unlike_a_student(world):
+    teacher = evaluate_model(world["root"] / "teacher", world["shards"], chunk_size=32)
+    student = evaluate_model(world["student"], world["shards"], chunk_size=32)
+    # What is left is the cost of storing log-probs in one byte (cbrt-u8), ~1e-5 nats.
+    assert 0 <= teacher["eval/kl"] < 1e-3
+    assert student["eval/kl"] > 10 * teacher["eval/kl"]
+    assert teacher["eval/tokens"] == student["eval/tokens"] > 0
 
 
 def test_kd_lowers_the_training_loss(world, tmp_path):

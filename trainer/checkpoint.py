@@ -112,13 +112,18 @@ def save_model(
     """``save_pretrained`` of the model with an explicit (gathered) state dict.
 
     A gathered FSDP state dict holds tied weights (lm_head = embed_tokens) as two equal
-    tensors; transformers drops a tied duplicate only when it shares storage, so the tie
-    is restored first, or the file would carry the head twice.
+    tensors, and transformers drops a tied duplicate only when it shares storage; so the
+    names of each parameter the model shares are pointed at one tensor first, or the file
+    would carry the head twice.
     """
     state = dict(state)
-    for tied, source in model.get_expanded_tied_weights_keys().items():
-        if tied in state and source in state:
-            state[tied] = state[source]
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for shared in names.values():
+        present = [name for name in shared if name in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
     model.save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
 

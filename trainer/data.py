@@ -7,8 +7,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from distillcache.shared.schema import DatasetInfo
-
 from .config import TrainConfig
 from .seq_kd import SeedFileSource, is_seed_file
 from .stream import ShardSource, Source, split_held_out
@@ -23,14 +21,16 @@ class RunData:
     train_units: list[Any]
     eval_source: Source
     eval_units: list[Any]
-    info: DatasetInfo | None
 
 
-def _open(path: str, config: TrainConfig, tokenizer: PreTrainedTokenizerBase, *, teacher: bool):
+def open_source(
+    path: str, tokenizer: PreTrainedTokenizerBase, student: str, *, teacher: bool
+) -> Source:
+    """A seed file or a shard dataset (checked against ``tokenizer``, named ``student``)."""
     if is_seed_file(path):
         return SeedFileSource(path, tokenizer)
     source = ShardSource(path, with_teacher=teacher)
-    check_tokenizer(tokenizer, config.student, source.info)
+    check_tokenizer(tokenizer, student, source.info)
     return source
 
 
@@ -46,13 +46,12 @@ def open_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> RunDat
             f"{config.data} is a seed file: it holds the teacher's text but no log-probs, so "
             f"only --loss sft can train on it (run the teacher over it for --loss {config.loss})"
         )
-    source = _open(config.data, config, tokenizer, teacher=config.loss != "sft")
+    source = open_source(config.data, tokenizer, config.student, teacher=config.loss != "sft")
     train_units, held = split_held_out(source.units(), config.eval_fraction, source.unit_name)
     eval_source = source
     if isinstance(source, ShardSource) and not source.with_teacher:
         eval_source = ShardSource(config.data, with_teacher=True)
     if config.eval_data is not None:
-        eval_source = _open(config.eval_data, config, tokenizer, teacher=True)
+        eval_source = open_source(config.eval_data, tokenizer, config.student, teacher=True)
         held = eval_source.units()
-    info = source.info if isinstance(source, ShardSource) else None
-    return RunData(source, train_units, eval_source, held, info)
+    return RunData(source, train_units, eval_source, held)

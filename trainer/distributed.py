@@ -32,17 +32,21 @@ def init_distributed(device: str) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistEnv(rank, world, local_rank, dev)
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's CUDA device if there is one, else the CPU."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def shutdown(env: DistEnv) -> None:
@@ -70,18 +74,20 @@ def barrier(env: DistEnv) -> None:
 def wrap(module: nn.Module, mode: str, env: DistEnv, layer_classes: tuple[str, ...]) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard``) per decoder layer and then the whole module.
 
-    Single-process runs are returned unwrapped. Under FSDP the embedding and the output
-    head stay in the root group, which the root's forward (where the loss is computed)
-    gathers. DDP does not broadcast buffers: the only ones are rotary tables, identical on
-    every rank, and a broadcast per forward would tie evaluation to lockstep.
+    The module arrives on the CPU. Single-process and DDP runs move it to the device
+    whole; FSDP moves only each rank's shards there, which is what lets a student that
+    does not fit one device train. Single-process runs are returned unwrapped. Under
+    FSDP the embedding and the output head stay in the root group, which the root's
+    forward (where the loss is computed) gathers. DDP's forward broadcasts buffers, a
+    collective, so evaluation (where ranks hold different numbers of batches) calls the
+    module inside the wrapper instead.
     """
     if env.world == 1:
-        return module
+        return module.to(env.device)
     if mode == "ddp":
+        module.to(env.device)
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(
-            module, device_ids=device_ids, broadcast_buffers=False
-        )
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -1,19 +1,29 @@
 """Held-out evaluation: KL to the teacher, top-1 agreement with it, CE on its tokens.
 
-Each rank evaluates its share of the held-out rows and the sums are reduced. Under FSDP
-every forward is a collective, so ranks step in lockstep: a rank that has run out of rows
-repeats its first batch and discards the result until all have finished.
+During training each rank evaluates its share of the held-out rows and the sums are
+reduced. Under FSDP every forward is a collective, so ranks step in lockstep: a rank that
+has run out of rows repeats its first batch and discards the result until all have
+finished. ``evaluate_model`` measures any saved model (a teacher, an untrained student,
+a checkpoint) on a dataset the same way, in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
-from .batching import Batch
-from .distributed import DistEnv, all_reduce_max, all_reduce_sum
+from distillcache.shared.inputs import ensure_pad_token
+
+from .batching import Batch, iter_batches
+from .data import open_source
+from .distributed import DistEnv, all_reduce_max, all_reduce_sum, pick_device
+from .sparse_kd import LossSpec
+from .stream import DataPosition, iter_held_out
+from .student import DistillStudent, load_student, load_tokenizer
 
 
 def evaluate(
@@ -65,3 +75,48 @@ def evaluate(
         "eval/ce": ce / count,
         "eval/tokens": totals[3].item(),
     }
+
+
+def evaluate_model(
+    model: str | Path,
+    data: str | Path,
+    *,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    chunk_size: int = 512,
+    device: str = "auto",
+    bf16: bool = True,
+) -> dict[str, float]:
+    """The held-out metrics of ``evaluate`` for a saved model over all of ``data``.
+
+    ``model``: anything ``from_pretrained`` loads whose tokenizer matches the shards (the
+    teacher itself, a student before or after training). ``data``: a shard dataset (all
+    metrics) or a seed file (CE only). One process; bf16 autocast on CUDA when ``bf16``.
+    """
+    env = DistEnv(rank=0, world=1, local_rank=0, device=pick_device(device))
+    tokenizer = load_tokenizer(str(model))
+    source = open_source(str(data), tokenizer, str(model), teacher=True)
+    ensure_pad_token(tokenizer)
+    spec = LossSpec(vocab_size=len(tokenizer), chunk_size=chunk_size)
+    module = DistillStudent(load_student(str(model), len(tokenizer)), spec).to(env.device).eval()
+    rows = iter_held_out(source, source.units(), rank=0, world=1)
+    batches = iter_batches(
+        ((example, DataPosition()) for example in rows),
+        batch_size=batch_size,
+        max_length=max_length,
+        pad_id=tokenizer.pad_token_id,
+        packing=False,
+    )
+
+    def autocast() -> AbstractContextManager:
+        if env.device.type == "cuda" and bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    return evaluate(
+        lambda batch: module(batch, evaluate=True),
+        (batch for batch, _ in batches),
+        env,
+        lockstep=False,
+        autocast=autocast,
+    )

@@ -109,7 +109,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         tail=config.tail,
         chunk_size=config.chunk_size,
     )
-    module = DistillStudent(model, spec).to(env.device)
+    module = DistillStudent(model, spec)
     module.train()
     wrapped = wrap(module, config.distributed, env, tuple(model._no_split_modules or ()))
     optimizer = build_optimizer(model, config)
@@ -122,8 +122,9 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
             resume, model=model, optimizer=optimizer, scheduler=scheduler, env=env
         )
         step, position = state.step, state.position
+    # Every rank, not just the main one: each opens its own files here (keys-rank<r>.txt).
+    out.mkdir(parents=True, exist_ok=True)
     if env.main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(config.to_json())
 
     use_bf16 = env.device.type == "cuda" and config.bf16

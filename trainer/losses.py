@@ -8,24 +8,25 @@ A divergence needs both distributions on one set of outcomes, which the tail mod
 
 - ``renormalize``: the outcomes are the k ids of ``S``. The teacher is
   ``q_i = softmax(t / T)_i`` over ``S`` and the student ``p_i = softmax(z_S / T)_i``, its
-  logits ``z`` renormalized on the same ids. Nothing is said about mass outside ``S``.
-- ``bucket``: the outcomes are the k ids plus one bucket for everything else (Anshumann
-  et al. 2025, "Sparse Logit Sampling"). At T=1 the teacher is ``[t, tau]``, exactly its
+  logits ``z`` renormalized on the same ids. Nothing is said about mass outside ``S``:
+  top-k KD is biased (Anshumann et al. 2025) and, with only the teacher renormalized, a
+  student learns to put all its mass on the top-k; renormalizing the student too removes
+  that push but gives no target for the mass outside, which the bucket does.
+- ``bucket``: the outcomes are the k ids plus one bucket for everything else (the tail
+  bucket of Anshumann et al. 2025, "Sparse Logit Sampling"). At T=1 the teacher is ``[t, tau]``, exactly its
   distribution coarse-grained to k+1 outcomes, and the student is its full-vocabulary
   distribution pooled the same way: ``[z_S, lse_{V minus S}(z)] - lse(z)``. Forward KL
   here is a lower bound of the full-vocabulary KL (equal when k covers the vocabulary),
   and the student is told how much mass belongs off the teacher's support.
 
-Temperature acts on the outcomes of the tail mode, on both sides alike: each side's T=1
-log-probs over those outcomes are divided by T and renormalized, ``softmax(log r / T)``.
-For ``renormalize`` that is the usual tempered softmax restricted to ``S``. For ``bucket``
-the pooled tail is tempered as one outcome, which differs from pooling the tempered
-vocabulary (the cache cannot do that: it does not know the tail's shape); both sides get
-the same treatment, so the divergence still vanishes exactly when they agree.
-
-Temperature (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): both
-sides are softened by T, and the divergence is multiplied by T**2 so its gradients keep
-their size as T changes.
+Temperature (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") acts on
+the outcomes of the tail mode, on both sides alike: each side's T=1 log-probs over those
+outcomes are divided by T and renormalized, ``softmax(log r / T)``, and the divergence is
+multiplied by T**2 so its gradients keep their size as T changes. For ``renormalize`` that
+is the usual tempered softmax restricted to ``S``. For ``bucket`` the pooled tail is
+tempered as one outcome, which differs from pooling the tempered vocabulary (the cache
+cannot do that: it does not know the tail's shape); both sides get the same treatment, so
+the divergence still vanishes exactly when they agree.
 
 Reverse KL and JSD over a cached top-k are approximations whatever the tail mode: the
 cache cannot say how the teacher rates tokens outside its top-k that the student puts

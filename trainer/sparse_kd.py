@@ -7,9 +7,10 @@ states of only the positions that have a target ([N, hidden]) and walks them in 
 ``chunk_size`` positions. For each chunk it computes the logits, the loss, and at once
 the loss's gradient with respect to the chunk's hidden states and the head's weight (the
 same idea as Liger's fused linear cross-entropy), then drops the chunk. Nothing of size
-[N, vocab] ever exists; the peak is a few [chunk, vocab] float32 tensors. The backward
-pass only scales the stored gradients by the incoming one, so there is no recomputation
-and the time stays that of plain cross-entropy training: three matmuls per position.
+[N, vocab] ever exists; a chunk holds one [chunk, vocab] float32 buffer (plus its bf16
+copy under autocast). The backward pass only scales the stored gradients by the incoming
+one, so there is no recomputation and the time stays that of plain cross-entropy
+training: three matmuls per position.
 
 The teacher side is never densified either: its top-k ids index the student's logits.
 """
@@ -99,6 +100,7 @@ def head_chunk(
             rest_lse = (peak + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
             student = student_log_probs(top, rest_lse, spec.temperature, tail)
             kd = divergence(spec.loss, teacher, student, spec.beta)
+            # The soft term only; the CE term's gradient is written by hand below.
             soft = combine(kd, torch.zeros_like(kd), spec.temperature, alpha)
             if want_grad:
                 leaves = [top] if rest_lse is None else [top, rest_lse]
