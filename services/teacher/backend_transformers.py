@@ -181,7 +181,7 @@ class TransformersBackend:
                     f"prompt of {len(request.prompt_ids)} tokens: generation needs 1 to "
                     f"{self.max_model_len - 1} (max_model_len {self.max_model_len})"
                 )
-        return await asyncio.to_thread(self._run, requests, self._generate_batch, _prompt_len)
+        return await asyncio.to_thread(self._run, requests, self._generate_batch, _generate_len)
 
     async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]:
         for request in requests:
@@ -395,7 +395,7 @@ def _logprob_start(request: ScoreRequest) -> int:
     return len(request.prompt_ids) if request.logprob_start is None else request.logprob_start
 
 
-def _prompt_len(request: GenerateRequest) -> int:
+def _generate_len(request: GenerateRequest) -> int:
     return len(request.prompt_ids) + request.sampling.max_tokens
 
 
