@@ -11,6 +11,9 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -m "not slow"
 
+demo: setup
+	.venv/bin/distill demo
+
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .

@@ -57,7 +57,6 @@ class DemoConfig(BaseModel):
     batch_size: int = 4
     lr: float = 2e-4
     max_length: int = 384
-    accuracy_tokens: int = 160
     seed: int = 0
 
 
@@ -186,14 +185,10 @@ def build_student(teacher: Path | str, out_dir: Path, every: int) -> Path:
     return out_dir
 
 
-def answer_accuracy(model_dir: Path | str, rows: list[dict], max_new_tokens: int) -> float | None:
-    """Share of ``rows`` a model answers right (greedy, chat template); None if no rows."""
-    if not rows:
-        return None
+def greedy_answers(model_dir: Path | str, rows: list[dict], max_new_tokens: int) -> list[str]:
+    """A model's greedy completions of ``rows``' questions, through its chat template."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .gsm8k import is_correct
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
@@ -206,7 +201,7 @@ def answer_accuracy(model_dir: Path | str, rows: list[dict], max_new_tokens: int
         )
         for r in rows
     ]
-    right = 0
+    texts: list[str] = []
     with torch.inference_mode():
         for start in range(0, len(prompts), 8):
             enc = tok(
@@ -218,27 +213,40 @@ def answer_accuracy(model_dir: Path | str, rows: list[dict], max_new_tokens: int
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )
-            texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-            right += sum(
-                is_correct(t, r["answer"])
-                for t, r in zip(texts, rows[start : start + 8], strict=True)
-            )
-    return right / len(rows)
+            texts += tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return texts
 
 
-def teacher_correct_rows(dataset: Path, held_out: list[dict]) -> list[dict]:
-    """Held-out questions whose cached teacher completion reaches the right answer."""
+def teacher_answers(dataset: Path) -> dict[str, str]:
+    """The teacher's cached completion of each held-out question, by question id."""
     from distillcache.shared.reader import ShardDataset
 
-    from .gsm8k import is_correct
+    return {
+        row["meta"]["id"]: row["completion_text"] or "" for row in ShardDataset(dataset).iter_rows()
+    }
 
-    answers = {r["id"]: r for r in held_out}
-    right = []
-    for row in ShardDataset(dataset).iter_rows():
-        q = answers.get(row["meta"].get("id"))
-        if q is not None and is_correct(row["completion_text"] or "", q["answer"]):
-            right.append(q)
-    return right
+
+def answer_scores(
+    answers: list[str], held_out: list[dict], teacher: dict[str, str]
+) -> dict[str, float | None]:
+    """Accuracy on the questions the teacher gets right, and agreement with the teacher's
+    final number on all of them (a fidelity measure that needs no right teacher)."""
+    from .gsm8k import final_number, is_correct
+
+    right = [i for i, q in enumerate(held_out) if is_correct(teacher[q["id"]], q["answer"])]
+    same = [
+        final_number(a) is not None and final_number(a) == final_number(teacher[q["id"]])
+        for a, q in zip(answers, held_out, strict=True)
+    ]
+    return {
+        "accuracy": (
+            sum(is_correct(answers[i], held_out[i]["answer"]) for i in right) / len(right)
+            if right
+            else None
+        ),
+        "agreement": sum(same) / len(same) if same else None,
+        "teacher_right": len(right),
+    }
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> None:
@@ -341,16 +349,16 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         "student KD": runs["kd"],
         "student SFT": runs["sft"],
     }
-    right = teacher_correct_rows(data_root / "eval", held_out)
+    teacher_says = teacher_answers(data_root / "eval")
     table = {}
     for name, model in models.items():
         metrics = evaluate_model(model, data_root / "eval", max_length=cfg.max_length)
-        acc = (
-            1.0
-            if name == "teacher" and right
-            else answer_accuracy(model, right, cfg.accuracy_tokens)
+        answers = (
+            [teacher_says[q["id"]] for q in held_out]
+            if name == "teacher"
+            else greedy_answers(model, held_out, cfg.max_tokens)
         )
-        table[name] = {**metrics, "accuracy": acc}
+        table[name] = {**metrics, **answer_scores(answers, held_out, teacher_says)}
         console.print(f"{name}: {table[name]}")
     plot_curves(runs, cfg.out_dir / "curves.png")
 
@@ -364,7 +372,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             cache_seconds,
             again,
             step_seconds,
-            len(right),
+            table["teacher"]["teacher_right"],
             inspect_text,
             time.monotonic() - started,
         )
@@ -389,6 +397,7 @@ def render_report(
     rows = "\n".join(
         f"| {name} | {m['eval/kl']:.4f} | {m['eval/top1']:.3f} | {m['eval/ce']:.3f} | "
         + ("n/a" if m["accuracy"] is None else f"{m['accuracy']:.2f}")
+        + f" | {m['agreement']:.2f}"
         + " |"
         for name, m in table.items()
     )
@@ -427,12 +436,13 @@ forward KL on the top-{cfg.k} plus a tail bucket (T=1), **SFT** with cross-entro
 teacher's completions only. Time per step: KD {step_seconds["kd"]:.2f} s,
 SFT {step_seconds["sft"]:.2f} s.
 
-| model | held-out KL to teacher (nats/token) | top-1 agreement | CE on teacher tokens | answer accuracy* |
-| --- | --- | --- | --- | --- |
+| model | held-out KL to teacher (nats/token) | top-1 agreement | CE on teacher tokens | answer accuracy* | same final answer as teacher |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 
-\\* on the {n_right} held-out questions the teacher answers correctly (greedy; the
-teacher's own accuracy there is 1 by construction).
+\\* on the {n_right} of {cfg.n_eval} held-out questions the teacher answers correctly
+(greedy, at most {cfg.max_tokens} tokens); n/a when there are none. The last column
+compares final numbers with the teacher's own answer on every held-out question.
 
 ![training curves](curves.png)
 
