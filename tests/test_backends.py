@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,22 @@ Run = Callable[[Coroutine[Any, Any, Any]], Any]
 VLLM = pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on `n` intra-op threads, then restore the count.
+
+    On a shared two-core machine, two OpenMP threads wait for each other whenever another
+    process holds a core: the teacher's 100 training steps took 3 s on one thread and
+    107 s on two under a load of 4.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A 2-layer Qwen2 (2 query heads sharing 1 KV head) trained just enough to answer and
@@ -65,9 +82,14 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -
         num_kv_heads=1,
     )
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    train_tiny_model(
-        out_dir, chat_texts(synthetic_task_rows(64), tokenizer), steps=100, batch_size=8, lr=5e-3
-    )
+    with torch_threads(1):
+        train_tiny_model(
+            out_dir,
+            chat_texts(synthetic_task_rows(64), tokenizer),
+            steps=100,
+            batch_size=8,
+            lr=5e-3,
+        )
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     with torch.no_grad():
         weight = model.get_output_embeddings().weight

@@ -110,6 +110,58 @@ def model_revision(model: str | Path, revision: str | None = None) -> str:
     return revision or "unknown"
 
 
+def check_generate_requests(
+    requests: Sequence[GenerateRequest], *, max_k: int, vocab_size: int, max_model_len: int
+) -> None:
+    """Raise ValueError for a request no backend can answer as asked.
+
+    Both backends refuse the same requests with the same messages, so a caller's error
+    handling does not depend on the backend. A prompt needs room for one token; longer
+    `max_tokens` are cut at `max_model_len` (finish reason "length"), as vLLM does.
+    """
+    for request in requests:
+        _check_k(request.k, max_k, vocab_size)
+        sampling = request.sampling
+        if sampling.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
+        if sampling.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {sampling.top_p}")
+        if not 0 < len(request.prompt_ids) < max_model_len:
+            raise ValueError(
+                f"prompt of {len(request.prompt_ids)} tokens: generation needs 1 to "
+                f"{max_model_len - 1} (max_model_len {max_model_len})"
+            )
+
+
+def check_score_requests(
+    requests: Sequence[ScoreRequest], *, max_k: int, vocab_size: int, max_tokens: int
+) -> None:
+    """Raise ValueError for a scoring request outside 1 <= logprob_start < total <= max_tokens."""
+    for request in requests:
+        _check_k(request.k, max_k, vocab_size)
+        total = len(request.prompt_ids) + len(request.completion_ids)
+        start = score_start(request)
+        if total > max_tokens:
+            raise ValueError(
+                f"prompt + completion of {total} tokens: scoring takes at most {max_tokens} "
+                f"(max_model_len)"
+            )
+        if not 1 <= start < total:
+            raise ValueError(f"logprob_start {start} must lie in 1..{total - 1}")
+
+
+def score_start(request: ScoreRequest) -> int:
+    """The first scored position: `logprob_start`, by default the first completion token."""
+    return len(request.prompt_ids) if request.logprob_start is None else request.logprob_start
+
+
+def _check_k(k: int, max_k: int, vocab_size: int) -> None:
+    if not 0 <= k <= min(max_k, vocab_size):
+        raise ValueError(f"k={k} outside 0..{min(max_k, vocab_size)}")
+
+
 def stop_token_ids(tokenizer, generation_config) -> frozenset[int]:
     """The tokenizer's eos plus the generation config's eos ids: what vLLM stops on too."""
     ids = set()
@@ -174,27 +226,18 @@ class TransformersBackend:
         self._lock = threading.Lock()
 
     async def generate(self, requests: list[GenerateRequest]) -> list[TeacherOutput]:
-        for request in requests:
-            self._check_k(request.k)
-            if not 0 < len(request.prompt_ids) < self.max_model_len:
-                raise ValueError(
-                    f"prompt of {len(request.prompt_ids)} tokens: generation needs 1 to "
-                    f"{self.max_model_len - 1} (max_model_len {self.max_model_len})"
-                )
+        check_generate_requests(
+            requests,
+            max_k=self.max_k,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
         return await asyncio.to_thread(self._run, requests, self._generate_batch, _generate_len)
 
     async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]:
-        for request in requests:
-            self._check_k(request.k)
-            total = len(request.prompt_ids) + len(request.completion_ids)
-            start = _logprob_start(request)
-            if total > self.max_model_len:
-                raise ValueError(
-                    f"prompt + completion of {total} tokens exceed max_model_len "
-                    f"{self.max_model_len}"
-                )
-            if not 1 <= start < total:
-                raise ValueError(f"logprob_start {start} must lie in 1..{total - 1}")
+        check_score_requests(
+            requests, max_k=self.max_k, vocab_size=self.vocab_size, max_tokens=self.max_model_len
+        )
         return await asyncio.to_thread(self._run, requests, self._score_batch, _score_len)
 
     async def close(self) -> None:
@@ -203,10 +246,6 @@ class TransformersBackend:
             self.model = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-    def _check_k(self, k: int) -> None:
-        if not 0 <= k <= min(self.max_k, self.vocab_size):
-            raise ValueError(f"k={k} outside 0..{min(self.max_k, self.vocab_size)}")
 
     def _run(self, requests, run_batch, length) -> list[TeacherOutput]:
         """Run `requests` in token-bounded batches of similar length, in request order out."""
@@ -222,7 +261,7 @@ class TransformersBackend:
     def _score_batch(self, batch: list[ScoreRequest]) -> list[TeacherOutput]:
         """Teacher forcing of a right-padded batch; logits only from the first scored position."""
         sequences = [list(r.prompt_ids) + list(r.completion_ids) for r in batch]
-        starts = [_logprob_start(r) for r in batch]
+        starts = [score_start(r) for r in batch]
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -389,10 +428,6 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
     else:
         generator.manual_seed(sampling.seed)
     return generator
-
-
-def _logprob_start(request: ScoreRequest) -> int:
-    return len(request.prompt_ids) if request.logprob_start is None else request.logprob_start
 
 
 def _generate_len(request: GenerateRequest) -> int:

@@ -41,7 +41,12 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from distillcache.services.teacher.backend import GenerateRequest, ScoreRequest, TeacherOutput
-from distillcache.services.teacher.backend_transformers import model_revision
+from distillcache.services.teacher.backend_transformers import (
+    check_generate_requests,
+    check_score_requests,
+    model_revision,
+    score_start,
+)
 
 
 class TokenizerVocabLogits:
@@ -64,7 +69,12 @@ class TokenizerVocabLogits:
 
 
 class VllmBackend:
-    """An ``AsyncLLM`` engine (its own processes) plus the tokenizer of the same model."""
+    """An ``AsyncLLM`` engine (its own processes) plus the tokenizer of the same model.
+
+    ``engine`` is public for callers that need vLLM itself (the benchmark's plain
+    baseline); the logits are cut to the tokenizer at the first ``generate``/``score``,
+    so call one of those before sending requests to the engine directly.
+    """
 
     name = "vllm"
 
@@ -113,29 +123,23 @@ class VllmBackend:
         self._sliced = self.logit_width == self.vocab_size
 
     async def generate(self, requests: list[GenerateRequest]) -> list[TeacherOutput]:
-        for request in requests:
-            self._check_k(request.k)
-            if not 0 < len(request.prompt_ids) < self.max_model_len:
-                raise ValueError(
-                    f"prompt of {len(request.prompt_ids)} tokens: generation needs 1 to "
-                    f"{self.max_model_len - 1} (max_model_len {self.max_model_len})"
-                )
+        check_generate_requests(
+            requests,
+            max_k=self.max_k,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
         await self._slice_logits()
         return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
 
     async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]:
-        for request in requests:
-            self._check_k(request.k)
-            total = len(request.prompt_ids) + len(request.completion_ids)
-            start = _logprob_start(request)
-            # vLLM must also decode one token after the scored text.
-            if total >= self.max_model_len:
-                raise ValueError(
-                    f"prompt + completion of {total} tokens: scoring takes at most "
-                    f"{self.max_model_len - 1} (max_model_len {self.max_model_len})"
-                )
-            if not 1 <= start < total:
-                raise ValueError(f"logprob_start {start} must lie in 1..{total - 1}")
+        # vLLM decodes one token after the scored text, so it needs one position more.
+        check_score_requests(
+            requests,
+            max_k=self.max_k,
+            vocab_size=self.vocab_size,
+            max_tokens=self.max_model_len - 1,
+        )
         await self._slice_logits()
         return list(await asyncio.gather(*(self._score_one(r) for r in requests)))
 
@@ -147,10 +151,6 @@ class VllmBackend:
         """
         engine, self.engine = self.engine, None
         engine.shutdown()
-
-    def _check_k(self, k: int) -> None:
-        if not 0 <= k <= min(self.max_k, self.vocab_size):
-            raise ValueError(f"k={k} outside 0..{min(self.max_k, self.vocab_size)}")
 
     async def _slice_logits(self) -> None:
         """Narrow the engine's logits to the tokenizer once, before the first request."""
@@ -206,7 +206,7 @@ class VllmBackend:
 
     async def _score_one(self, request: ScoreRequest) -> TeacherOutput:
         sequence = list(request.prompt_ids) + list(request.completion_ids)
-        start = _logprob_start(request)
+        start = score_start(request)
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
@@ -251,7 +251,3 @@ def _split_positions(
     if (ids[:, 0] != np.asarray(actual, dtype=np.int32)).any():
         raise RuntimeError("vLLM's first log-prob entry per position is not the actual token")
     return ids[:, 1:], logprobs[:, 1:], logprobs[:, 0].copy()
-
-
-def _logprob_start(request: ScoreRequest) -> int:
-    return len(request.prompt_ids) if request.logprob_start is None else request.logprob_start
