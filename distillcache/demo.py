@@ -47,10 +47,10 @@ class DemoConfig(BaseModel):
     cache_dir: Path = Field(Path(".cache"), description="Downloaded and converted models, data.")
     teacher: str = Field(SMOLLM2, description="Teacher: hub id or local directory.")
     questions: Literal["gsm8k", "synthetic"] = "gsm8k"
-    n_train: int = 80
-    n_eval: int = 20
+    n_train: int = 48
+    n_eval: int = 16
     k: int = 20
-    max_tokens: int = 160
+    max_tokens: int = 128
     backend: Literal["transformers", "vllm"] = "transformers"
     student_every: int = Field(5, description="Keep every n-th teacher layer in the student.")
     steps: int = 40
