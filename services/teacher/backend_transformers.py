@@ -198,6 +198,12 @@ class TransformersBackend:
         revision: str | None = None,
         max_batch_tokens: int = 4096,
     ) -> None:
+        """`dtype` names a torch dtype ("float32", "bfloat16"); log-probs are float32 either
+        way. `max_batch_tokens` bounds rows x padded length per forward pass, and with it
+        the logits a scoring batch holds: up to that many x logit width floats (4096 x
+        152,064 x 4 bytes = 2.5 GB for Qwen). `revision` picks a hub commit, branch or tag;
+        ``self.revision`` is the commit hash it resolved to, or for a plain local directory
+        a hash of its config and weight-file names and sizes (see `model_revision`)."""
         self.model_id = str(model)
         self.version = transformers.__version__
         self.device = torch.device(device)
@@ -241,7 +247,10 @@ class TransformersBackend:
         return await asyncio.to_thread(self._run, requests, self._score_batch, _score_len)
 
     async def close(self) -> None:
-        """Drop the weights so the memory is free before the process ends."""
+        """Drop the weights (after any running forward) so their memory is free."""
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
         with self._lock:
             self.model = None
             if self.device.type == "cuda":
