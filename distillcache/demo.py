@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ import httpx
 from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from distillcache.services.teacher.readiness import free_port, wait_ready
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -58,12 +59,6 @@ class DemoConfig(BaseModel):
     lr: float = 2e-4
     max_length: int = 384
     seed: int = 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_question_files(cfg: DemoConfig, data_root: Path) -> tuple[Path, Path, list[dict]]:
@@ -96,7 +91,7 @@ def write_question_files(cfg: DemoConfig, data_root: Path) -> tuple[Path, Path, 
 @contextmanager
 def teacher_server(cfg: DemoConfig, model: Path | str, data_root: Path) -> Iterator[str]:
     """`distill serve` as a child process, exactly as a user starts it; yields its URL."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DISTILL_BACKEND": cfg.backend,
@@ -111,21 +106,10 @@ def teacher_server(cfg: DemoConfig, model: Path | str, data_root: Path) -> Itera
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the teacher server exited; see {log.name}")
-            try:
-                r = httpx.get(f"{url}/readyz", timeout=2)
-                if r.status_code == 200:
-                    break
-                if r.json().get("status") == "failed":
-                    raise RuntimeError(f"the teacher failed to load: {r.json().get('error')}")
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"teacher server not ready after 600 s; see {log.name}")
-            time.sleep(0.5)
+        try:
+            wait_ready(url, timeout=600, process=proc, poll_s=0.5)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}; see {log.name}") from None
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

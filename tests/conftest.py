@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distillcache.shared.tiny_models import train_tokenizer
@@ -28,3 +29,13 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def chat_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
     """A fresh copy of the trained tokenizer per test, so a test may change it freely."""
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: tiny models run far faster than on two threads
+    that other processes contend for."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import uvicorn
 
 from distillcache.services.teacher.api import create_app
 from distillcache.services.teacher.cli import open_backend
+from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.tiny_models import build_tiny_model
 
@@ -42,29 +42,6 @@ def build_teacher(out_dir: Path, tokenizer_dir: Path, max_position_embeddings: i
         max_position_embeddings=max_position_embeddings,
         seed=0,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
-            if r.status_code == 200:
-                return
-            if r.json().get("status") == "failed":
-                raise RuntimeError(f"the teacher failed to load: {r.json()['error']}")
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
 @contextmanager

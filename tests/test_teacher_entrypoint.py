@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from distillcache.services.teacher.readiness import free_port
 from distillcache.shared.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,12 +77,6 @@ def _container_env(model_dir: Path, data_root: Path, home: Path, port: int) -> d
     # The image has `distill` on its PATH; here it lives beside this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.defpath}"
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -145,7 +139,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 
 def test_image_command_line_serves_readyz_and_scores(model_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = _container_env(model_dir, tmp_path / "data", tmp_path / "home", port)
     assert env["DISTILL_BACKEND"] == "transformers"  # the CPU profile's default backend
     log = tmp_path / "server.log"
@@ -181,7 +175,7 @@ def test_image_command_line_serves_readyz_and_scores(model_dir: Path, tmp_path: 
 def test_image_command_line_with_auth_token_keeps_probes_open(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = _container_env(model_dir, tmp_path / "data", tmp_path / "home", port)
     env["DISTILL_AUTH_TOKEN"] = "s3cret"  # what TEACHER_AUTH_TOKEN=s3cret in .env sets
     log = tmp_path / "server.log"

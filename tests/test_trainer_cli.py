@@ -6,7 +6,6 @@ import inspect
 import json
 
 import pytest
-import torch
 import yaml
 from test_trainer_helpers import task_tokenizer, tiny_model, write_teacher_shards
 from typer.testing import CliRunner
@@ -18,13 +17,8 @@ from distillcache.trainer.config import TrainConfig, load_config
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matmuls run far faster on one thread than on two contended ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,8 @@ from distillcache.trainer.sparse_kd import LossSpec
 from distillcache.trainer.stream import DataPosition, ShardSource
 from distillcache.trainer.student import DistillStudent, TokenizerMismatch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matmuls run far faster on one thread than on two contended ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
