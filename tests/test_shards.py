@@ -169,18 +169,19 @@ def test_reader_streams_one_row_group_at_a_time(tmp_path):
 
 _KILLED_WRITER = textwrap.dedent(
     """
-    import sys, numpy as np
+    import sys, time, numpy as np
     sys.path.insert(0, {tests!r})
     from test_shards import make_info, make_record
     from distillcache.shared.writer import ShardWriter
     rng = np.random.default_rng(0)
     writer = ShardWriter({root!r}, make_info(), max_shard_rows=50, row_group_tokens=80)
-    i = 0
-    while True:
+    # Two shards published, the third half written; the kill lands while it keeps
+    # writing row groups into the third, never after it would be published (row 150).
+    for i in range(145):
         writer.write(make_record(rng, f"key-{{i}}", 8, 4, 8))
-        i += 1
-        if i == 120:
+        if i == 119:
             print("published", flush=True)
+    time.sleep(60)
     """
 )
 
