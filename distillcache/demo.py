@@ -38,6 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distillcache.services.teacher.readiness import free_port, wait_ready
 
+from .demo_report import CacheFigures, DemoResults, ModelScores, plot_curves, render_report
+
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -120,7 +122,7 @@ def teacher_server(cfg: DemoConfig, model: Path | str, data_root: Path) -> Itera
         log.close()
 
 
-def run_job(url: str, input_name: str, output: str, cfg: DemoConfig, console: Console) -> dict:
+def cache_file(url: str, input_name: str, output: str, cfg: DemoConfig, console: Console) -> dict:
     """Submit a batch job and follow it with a progress bar until it ends."""
     body = {"input": input_name, "output": output, "k": cfg.k, "max_tokens": cfg.max_tokens}
     r = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
@@ -206,15 +208,16 @@ def teacher_answers(dataset: Path) -> dict[str, str]:
     from distillcache.shared.reader import ShardDataset
 
     return {
-        row["meta"]["id"]: row["completion_text"] or "" for row in ShardDataset(dataset).iter_rows()
+        row.meta["id"]: row.completion_text or "" for row in ShardDataset(dataset).iter_records()
     }
 
 
 def answer_scores(
     answers: list[str], held_out: list[dict], teacher: dict[str, str]
-) -> dict[str, float | None]:
-    """Accuracy on the questions the teacher gets right, and agreement with the teacher's
-    final number on all of them (a fidelity measure that needs no right teacher)."""
+) -> tuple[float | None, float | None, int]:
+    """Accuracy on the questions the teacher gets right, agreement with the teacher's
+    final number on all of them (a fidelity measure that needs no right teacher), and how
+    many the teacher gets right."""
     from .gsm8k import final_number, is_correct
 
     right = [i for i, q in enumerate(held_out) if is_correct(teacher[q["id"]], q["answer"])]
@@ -222,38 +225,12 @@ def answer_scores(
         final_number(a) is not None and final_number(a) == final_number(teacher[q["id"]])
         for a, q in zip(answers, held_out, strict=True)
     ]
-    return {
-        "accuracy": (
-            sum(is_correct(answers[i], held_out[i]["answer"]) for i in right) / len(right)
-            if right
-            else None
-        ),
-        "agreement": sum(same) / len(same) if same else None,
-        "teacher_right": len(right),
-    }
-
-
-def plot_curves(runs: dict[str, Path], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, run in runs.items():
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-        train = [r for r in records if "train/loss" in r]
-        evals = [r for r in records if "eval/kl" in r]
-        axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], label=name)
-        axes[1].plot([r["step"] for r in evals], [r["eval/kl"] for r in evals], "o-", label=name)
-    axes[0].set(title="training loss (own objective)", xlabel="step")
-    axes[1].set(title="held-out KL to the teacher (nats/token)", xlabel="step")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    accuracy = (
+        sum(is_correct(answers[i], held_out[i]["answer"]) for i in right) / len(right)
+        if right
+        else None
+    )
+    return accuracy, sum(same) / len(same) if same else None, len(right)
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
@@ -281,10 +258,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     console.rule("3. teacher service and batch jobs")
     with teacher_server(cfg, teacher, data_root) as url:
         t0 = time.monotonic()
-        train_job = run_job(url, train_file.name, "train", cfg, console)
-        eval_job = run_job(url, eval_file.name, "eval", cfg, console)
+        train_job = cache_file(url, train_file.name, "train", cfg, console)
+        eval_job = cache_file(url, eval_file.name, "eval", cfg, console)
         cache_seconds = time.monotonic() - t0
-        again = run_job(url, train_file.name, "train", cfg, console)
+        again = cache_file(url, train_file.name, "train", cfg, console)
     teacher_tokens = (
         train_job["progress"]["teacher_tokens"] + eval_job["progress"]["teacher_tokens"]
     )
@@ -334,7 +311,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         "student SFT": runs["sft"],
     }
     teacher_says = teacher_answers(data_root / "eval")
-    table = {}
+    scores: dict[str, ModelScores] = {}
     for name, model in models.items():
         metrics = evaluate_model(model, data_root / "eval", max_length=cfg.max_length)
         answers = (
@@ -342,102 +319,35 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             if name == "teacher"
             else greedy_answers(model, held_out, cfg.max_tokens)
         )
-        table[name] = {**metrics, **answer_scores(answers, held_out, teacher_says)}
-        console.print(f"{name}: {table[name]}")
+        accuracy, agreement, teacher_right = answer_scores(answers, held_out, teacher_says)
+        scores[name] = ModelScores(
+            kl=metrics["eval/kl"],
+            top1=metrics["eval/top1"],
+            ce=metrics["eval/ce"],
+            accuracy=accuracy,
+            agreement=agreement,
+        )
+        console.print(f"{name}: {scores[name]}")
     plot_curves(runs, cfg.out_dir / "curves.png")
 
-    report = cfg.out_dir / "report.md"
-    report.write_text(
-        render_report(
-            cfg,
-            table,
-            manifest,
-            teacher_tokens,
-            cache_seconds,
-            again,
-            step_seconds,
-            table["teacher"]["teacher_right"],
-            inspect_text,
-            time.monotonic() - started,
-        )
+    results = DemoResults(
+        cache=CacheFigures(
+            teacher_tokens=teacher_tokens,
+            seconds=cache_seconds,
+            rows=manifest.rows,
+            tokens=manifest.tokens,
+            bytes=manifest.bytes,
+            again_present=again["progress"]["rows_present"],
+            again_teacher_tokens=again["progress"]["teacher_tokens"],
+            inspect_text=inspect_text,
+        ),
+        scores=scores,
+        step_seconds=step_seconds,
+        teacher_right=teacher_right,
+        total_seconds=time.monotonic() - started,
     )
+    report = cfg.out_dir / "report.md"
+    report.write_text(render_report(cfg, results))
     console.rule("done")
     console.print(f"report: {report}")
     return report
-
-
-def render_report(
-    cfg,
-    table,
-    manifest,
-    teacher_tokens,
-    cache_seconds,
-    again,
-    step_seconds,
-    n_right,
-    inspect_text,
-    total_seconds,
-) -> str:
-    rows = "\n".join(
-        f"| {name} | {m['eval/kl']:.4f} | {m['eval/top1']:.3f} | {m['eval/ce']:.3f} | "
-        + ("n/a" if m["accuracy"] is None else f"{m['accuracy']:.2f}")
-        + f" | {m['agreement']:.2f}"
-        + " |"
-        for name, m in table.items()
-    )
-    again_p = again["progress"]
-    rate = (
-        f"{teacher_tokens / cache_seconds:,.0f}"
-        if teacher_tokens
-        else "n/a: every answer came from the cache"
-    )
-    return f"""# distillcache demo report
-
-Teacher `{cfg.teacher}` ({cfg.backend} backend, CPU), {cfg.questions} questions:
-{cfg.n_train} for training, {cfg.n_eval} held out. Top-{cfg.k} log-probs, greedy completions
-of at most {cfg.max_tokens} tokens. Whole run: {total_seconds / 60:.1f} minutes.
-
-## Teacher cache
-
-| figure | value |
-| --- | --- |
-| teacher tokens (prompt + completion) | {teacher_tokens:,} |
-| wall time of both jobs | {cache_seconds:.0f} s |
-| teacher tokens/s (end to end, incl. HTTP, shard writes) | {rate} |
-| training dataset | {manifest.rows} rows, {manifest.tokens:,} scored tokens, {manifest.bytes:,} bytes |
-| bytes per scored token (k={cfg.k}) | {manifest.bytes / max(manifest.tokens, 1):.1f} |
-| second submission of the training job | {again_p["rows_present"]} rows already stored, **{again_p["teacher_tokens"]} teacher tokens** |
-
-```
-{inspect_text.strip()}
-```
-
-## Students
-
-Initialised from the teacher, keeping its layers 0, {cfg.student_every}, {2 * cfg.student_every}, ...; trained
-{cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, on the same shards: **KD** with
-forward KL on the top-{cfg.k} plus a tail bucket (T=1), **SFT** with cross-entropy on the
-teacher's completions only. Time per step: KD {step_seconds["kd"]:.2f} s,
-SFT {step_seconds["sft"]:.2f} s.
-
-| model | held-out KL to teacher (nats/token) | top-1 agreement | CE on teacher tokens | answer accuracy* | same final answer as teacher |
-| --- | --- | --- | --- | --- | --- |
-{rows}
-
-\\* on the {n_right} of {cfg.n_eval} held-out questions the teacher answers correctly
-(greedy, at most {cfg.max_tokens} tokens); n/a when there are none. The last column
-compares final numbers with the teacher's own answer on every held-out question.
-
-![training curves](curves.png)
-
-## What a GPU run would change
-
-On a GPU the same command runs the vLLM backend (`--backend vllm` in `distill serve`),
-which batches generation far better than the transformers reference used here, so the
-cache step takes seconds; the student steps take milliseconds, so the sizes could grow to
-the full GSM8K training set, whole-layer students and thousands of steps.
-"""
-
-
-def main(cfg: DemoConfig | None = None) -> None:
-    run_demo(cfg or DemoConfig())
