@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from distillcache.services.teacher.backend import GenerateRequest, Sampling
+from distillcache.services.teacher.backend import Query
 from distillcache.shared.model_source import resolve_model
+from distillcache.shared.schema import Sampling
 from distillcache.shared.tiny_models import synthetic_task_rows
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -118,7 +119,9 @@ def vllm_plain(backend, prompts, max_tokens: int) -> Callable[[], Awaitable[int]
 
 
 def captured(backend, prompts, max_tokens: int, k: int) -> Callable[[], Awaitable[int]]:
-    requests = [GenerateRequest(p, k=k, sampling=Sampling(max_tokens=max_tokens)) for p in prompts]
+    requests = [
+        Query("generate", p, k=k, sampling=Sampling(max_tokens=max_tokens)) for p in prompts
+    ]
 
     async def run() -> int:
         return sum(len(o.completion_ids) for o in await backend.generate(requests))

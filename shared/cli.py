@@ -78,7 +78,12 @@ def inspect(
         ("tokenizer", f"{info.tokenizer} (sha256 {info.tokenizer_hash[:12]})"),
         ("vocab / logit width", f"{info.vocab_size:,} / {info.logit_width:,}"),
         ("backend", f"{info.backend} {info.backend_version}"),
-        ("sampling", ", ".join(f"{k}={v}" for k, v in info.sampling.model_dump().items())),
+        (
+            "sampling",
+            "per request (each row's request column)"
+            if info.sampling is None
+            else ", ".join(f"{k}={v}" for k, v in info.sampling.model_dump().items()),
+        ),
         (
             "updated",
             datetime.fromtimestamp(m.updated, tz=UTC).isoformat(timespec="seconds"),

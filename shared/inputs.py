@@ -139,23 +139,26 @@ def parse_row(source: str, line: int, record: Any) -> InputRow | InputError:
     """
     try:
         return _parse_row(source, line, record)
-    except _RowProblem as problem:
+    except InputProblem as problem:
         return InputError(source, line, str(problem))
 
 
-class _RowProblem(Exception):
-    """Raised inside row checking to stop at the first problem; never leaves the module."""
+class InputProblem(ValueError):
+    """The first problem of a prompt or completion, in words that name the field.
+
+    Row checking turns it into an `InputError` with the row's place; an HTTP request
+    turns it into a 422 naming the request's field."""
 
 
 def _parse_row(source: str, line: int, record: Any) -> InputRow:
     if not isinstance(record, dict):
-        raise _RowProblem(f"row must be a JSON object, got {_json_type(record)}")
+        raise InputProblem(f"row must be a JSON object, got {_json_type(record)}")
     present = [field for field in PROMPT_FIELDS if record.get(field) is not None]
     if not present:
-        raise _RowProblem('row has no prompt: give one of "messages", "prompt" or "question"')
+        raise InputProblem('row has no prompt: give one of "messages", "prompt" or "question"')
     if len(present) > 1:
         both = " and ".join(f'"{field}"' for field in present)
-        raise _RowProblem(f"row has {both}: give exactly one prompt field")
+        raise InputProblem(f"row has {both}: give exactly one prompt field")
     shape = present[0]
     consumed = {*PROMPT_FIELDS, "completion"}
     completion = _optional_text(record, "completion")
@@ -163,67 +166,74 @@ def _parse_row(source: str, line: int, record: Any) -> InputRow:
         consumed.add("teacher_solution")
         solution = _optional_text(record, "teacher_solution")
         if solution is not None and completion is not None:
-            raise _RowProblem('row has "completion" and "teacher_solution": give one')
+            raise InputProblem('row has "completion" and "teacher_solution": give one')
         completion = completion if solution is None else solution
-        messages = [{"role": "user", "content": _text(record, "question")}]
+        messages = user_turn(check_text(record["question"], "question"))
     elif shape == "prompt":
-        messages = [{"role": "user", "content": _text(record, "prompt")}]
+        messages = user_turn(check_text(record["prompt"], "prompt"))
     else:
-        messages = _messages(record["messages"])
+        messages = check_messages(record["messages"])
     meta = {
         key: value for key, value in record.items() if key not in consumed and value is not None
     }
     return InputRow(source, line, messages, completion, meta)
 
 
-def _text(record: dict[str, Any], field: str) -> str:
-    value = record[field]
+def user_turn(text: str) -> list[dict[str, str]]:
+    """A plain prompt as the one-turn chat it is rendered as."""
+    return [{"role": "user", "content": text}]
+
+
+def check_text(value: Any, field: str) -> str:
+    """A prompt or completion text: a string that is not blank."""
     if not isinstance(value, str):
-        raise _RowProblem(f'field "{field}" must be a string, got {_json_type(value)}')
+        raise InputProblem(f'field "{field}" must be a string, got {_json_type(value)}')
     if not value.strip():
-        raise _RowProblem(f'field "{field}" must not be empty')
+        raise InputProblem(f'field "{field}" must not be empty')
     return value
 
 
 def _optional_text(record: dict[str, Any], field: str) -> str | None:
-    return None if record.get(field) is None else _text(record, field)
+    return None if record.get(field) is None else check_text(record[field], field)
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def check_messages(value: Any) -> list[dict[str, str]]:
+    """A chat prompt: a non-empty list of `{"role", "content"}` turns (roles from `ROLES`)
+    that does not end with an assistant turn. Raises `InputProblem` at the first fault."""
     if not isinstance(value, list):
-        raise _RowProblem(f'field "messages" must be an array, got {_json_type(value)}')
+        raise InputProblem(f'field "messages" must be an array, got {_json_type(value)}')
     if not value:
-        raise _RowProblem('field "messages" must not be empty')
+        raise InputProblem('field "messages" must not be empty')
     messages = []
     for index, message in enumerate(value):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise _RowProblem(
+            raise InputProblem(
                 f'field "{where}" must be an object with "role" and "content", '
                 f"got {_json_type(message)}"
             )
         for key, item in message.items():
             if key not in ("role", "content") and item is not None:
-                raise _RowProblem(
+                raise InputProblem(
                     f'field "{where}.{key}" is not supported: a message has only '
                     '"role" and "content"'
                 )
         role, content = message.get("role"), message.get("content")
         if role is None:
-            raise _RowProblem(f'field "{where}.role" is missing')
+            raise InputProblem(f'field "{where}.role" is missing')
         if role not in ROLES:
-            raise _RowProblem(
+            raise InputProblem(
                 f'field "{where}.role" must be one of {"/".join(ROLES)}, got {_quote(role)}'
             )
         if content is None:
-            raise _RowProblem(f'field "{where}.content" is missing')
+            raise InputProblem(f'field "{where}.content" is missing')
         if not isinstance(content, str):
-            raise _RowProblem(
+            raise InputProblem(
                 f'field "{where}.content" must be a string, got {_json_type(content)}'
             )
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] == "assistant":
-        raise _RowProblem(
+        raise InputProblem(
             f'field "messages[{len(messages) - 1}].role": the prompt ends with an assistant '
             'turn, leaving the teacher nothing to answer; put an answer to score in "completion"'
         )
@@ -348,8 +358,9 @@ def _parquet_records(source: str) -> Iterator[dict[str, Any]]:
         raise ValueError(f"{source}: cannot read Parquet: {exc}") from exc
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, row: InputRow) -> list[int]:
-    """The prompt token ids the teacher sees for `row`: what it answers from.
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt token ids the teacher sees for `messages` (a row's or an HTTP request's,
+    checked by `check_messages`): what it answers from.
 
     With a chat template: `apply_chat_template(messages, add_generation_prompt=True)`,
     so the ids end with the opening of the assistant turn. transformers 5 returns a
@@ -361,10 +372,10 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, row: InputRow) -> list[int
     """
     if getattr(tokenizer, "chat_template", None):
         encoded = tokenizer.apply_chat_template(
-            row.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"])
-    return list(tokenizer(plain_prompt_text(row.messages))["input_ids"])
+    return list(tokenizer(plain_prompt_text(messages))["input_ids"])
 
 
 def plain_prompt_text(messages: list[dict[str, str]]) -> str:
@@ -381,19 +392,17 @@ def plain_prompt_text(messages: list[dict[str, str]]) -> str:
     return "\n\n".join([*turns, "Assistant:"])
 
 
-def render_completion(tokenizer: PreTrainedTokenizerBase, row: InputRow) -> list[int]:
+def render_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
     """The completion's token ids followed by the eos id, for scoring a given answer.
 
     Encoded without special tokens (they belong to the prompt) and closed with eos, so
     a scored completion ends the way a generated one that stopped does and the teacher's
-    probability of stopping there is scored too. Raises `ValueError` when the row has no
-    completion or the tokenizer has no eos token.
+    probability of stopping there is scored too. Raises `ValueError` when the tokenizer has
+    no eos token.
     """
-    if row.completion is None:
-        raise ValueError(f"{row.source}:{row.line}: row has no completion to render")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to end a completion with")
-    ids = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return [*ids, tokenizer.eos_token_id]
 
 

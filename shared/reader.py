@@ -19,7 +19,24 @@ import pyarrow.parquet as pq
 
 from .codec import decode_logprobs
 from .manifest import MANIFEST, DatasetError, Manifest, ShardEntry, read_manifest
-from .schema import PARQUET_METADATA_KEY, DatasetInfo, shard_schema
+from .record import SequenceRecord
+from .schema import (
+    COMPLETION_IDS,
+    COMPLETION_TEXT,
+    FINISH_REASON,
+    KEY,
+    LOGPROB_START,
+    META,
+    PARQUET_METADATA_KEY,
+    PROMPT_IDS,
+    REQUEST,
+    TAIL_LOGPROB,
+    TOKEN_LOGPROB,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    DatasetInfo,
+    shard_schema,
+)
 from .writer import file_sha256
 
 
@@ -144,41 +161,22 @@ class ShardDataset:
         for table in self.iter_tables(refs, DECODED_COLUMNS, verify=verify):
             yield decode_table(table, self.info)
 
-    def iter_rows(self, *, verify: bool = False) -> Iterator[dict]:
-        """Rows as Python dicts with decoded float log-probs: for inspection, not training."""
+    def iter_records(self, *, verify: bool = False) -> Iterator[SequenceRecord]:
+        """Every row as a SequenceRecord with decoded float log-probs: for inspection and
+        lookups, not training (the trainer reads ``iter_decoded`` batches)."""
         for table in self.iter_tables(verify=verify):
-            batch = decode_table(table, self.info)
-            finish = table.column("finish_reason").to_pylist()
-            texts = table.column("completion_text").to_pylist()
-            requests = table.column("request").to_pylist()
-            metas = table.column("meta").to_pylist()
-            for i in range(len(batch)):
-                pos = batch.row_positions(i)
-                yield {
-                    "key": batch.keys[i],
-                    "prompt_ids": batch.row_prompt(i).tolist(),
-                    "completion_ids": batch.row_completion(i).tolist(),
-                    "completion_text": texts[i],
-                    "logprob_start": int(batch.logprob_start[i]),
-                    "topk_ids": batch.topk_ids[pos],
-                    "topk_logprobs": batch.topk_logprobs[pos],
-                    "token_logprob": batch.token_logprob[pos],
-                    "tail_logprob": batch.tail_logprob[pos],
-                    "finish_reason": finish[i],
-                    "request": json.loads(requests[i]) if requests[i] else {},
-                    "meta": json.loads(metas[i]) if metas[i] else {},
-                }
+            yield from table_records(table, self.info)
 
 
 DECODED_COLUMNS = (
-    "key",
-    "prompt_ids",
-    "completion_ids",
-    "logprob_start",
-    "topk_ids",
-    "topk_logprobs",
-    "token_logprob",
-    "tail_logprob",
+    KEY,
+    PROMPT_IDS,
+    COMPLETION_IDS,
+    LOGPROB_START,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    TOKEN_LOGPROB,
+    TAIL_LOGPROB,
 )
 
 
@@ -190,23 +188,23 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
 def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
     """Arrow table (one row group) -> DecodedBatch, copying only what must be decoded."""
     k = info.k
-    p_off, p = _flat(table.column("prompt_ids"))
-    c_off, c = _flat(table.column("completion_ids"))
-    pos_off, ids = _flat(table.column("topk_ids"))
-    _, lps = _flat(table.column("topk_logprobs"))
-    _, tok = _flat(table.column("token_logprob"))
-    _, tail = _flat(table.column("tail_logprob"))
+    p_off, p = _flat(table.column(PROMPT_IDS))
+    c_off, c = _flat(table.column(COMPLETION_IDS))
+    pos_off, ids = _flat(table.column(TOPK_IDS))
+    _, lps = _flat(table.column(TOPK_LOGPROBS))
+    _, tok = _flat(table.column(TOKEN_LOGPROB))
+    _, tail = _flat(table.column(TAIL_LOGPROB))
     base = int(pos_off[0])
     # flatten() honours slicing, so the values start at this table's first position.
     id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
     lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
     return DecodedBatch(
-        keys=table.column("key").to_pylist(),
+        keys=table.column(KEY).to_pylist(),
         prompt_offsets=p_off - p_off[0],
         prompt_ids=p.flatten().to_numpy(zero_copy_only=False),
         completion_offsets=c_off - c_off[0],
         completion_ids=c.flatten().to_numpy(zero_copy_only=False),
-        logprob_start=table.column("logprob_start").to_numpy(),
+        logprob_start=table.column(LOGPROB_START).to_numpy(),
         pos_offsets=pos_off - base,
         topk_ids=id_values,
         topk_logprobs=decode_logprobs(lp_values, info.logprob_codec),
@@ -254,3 +252,29 @@ def verify_dataset(root: str | Path) -> tuple[list[str], list[str]]:
         if p.name not in listed
     ] + [f"{p}: temporary file of an interrupted write" for p in sorted(root.glob(".*.tmp"))]
     return faults, notes
+
+
+def table_records(table: pa.Table, info: DatasetInfo) -> Iterator[SequenceRecord]:
+    """The rows of a shard table (any slice of it) as SequenceRecords: the one place a
+    whole row is decoded."""
+    batch = decode_table(table, info)
+    texts = table.column(COMPLETION_TEXT).to_pylist()
+    finish = table.column(FINISH_REASON).to_pylist()
+    requests = table.column(REQUEST).to_pylist()
+    metas = table.column(META).to_pylist()
+    for i in range(len(batch)):
+        pos = batch.row_positions(i)
+        yield SequenceRecord(
+            key=batch.keys[i],
+            prompt_ids=batch.row_prompt(i).copy(),
+            completion_ids=batch.row_completion(i).copy(),
+            topk_ids=batch.topk_ids[pos].copy(),
+            topk_logprobs=batch.topk_logprobs[pos].copy(),
+            token_logprob=batch.token_logprob[pos].copy(),
+            tail_logprob=batch.tail_logprob[pos].copy(),
+            completion_text=texts[i],
+            logprob_start=int(batch.logprob_start[i]),
+            finish_reason=finish[i],
+            request=json.loads(requests[i]) if requests[i] else {},
+            meta=json.loads(metas[i]) if metas[i] else {},
+        )

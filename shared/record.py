@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from . import codec
+
 
 @dataclass
 class SequenceRecord:
@@ -16,8 +18,9 @@ class SequenceRecord:
     ``topk_ids``/``topk_logprobs`` are [n, k] with n = len(prompt_ids) +
     len(completion_ids) - logprob_start; ``topk_logprobs`` are float32 raw log-probs in any
     order (the writer puts them in canonical order). ``token_logprob`` [n] is the log-prob
-    of the token that actually came next. ``tail_logprob`` is computed by the writer when
-    not given.
+    of the token that actually came next. ``tail_logprob`` [n], the log of the mass
+    outside the top-k, is computed here from ``topk_logprobs`` when not given (a backend
+    with more exact values may give it).
     """
 
     key: str
@@ -41,9 +44,16 @@ class SequenceRecord:
         self.token_logprob = np.asarray(self.token_logprob, dtype=np.float32).reshape(-1)
         if self.logprob_start is None:
             self.logprob_start = len(self.prompt_ids)
-        if self.tail_logprob is not None:
-            self.tail_logprob = np.asarray(self.tail_logprob, dtype=np.float32).reshape(-1)
         self.validate()
+        if self.tail_logprob is None:
+            self.tail_logprob = codec.tail_logprob(self.topk_logprobs)
+        else:
+            self.tail_logprob = np.asarray(self.tail_logprob, dtype=np.float32).reshape(-1)
+            if self.tail_logprob.shape != (self.n_scored,):
+                raise ValueError(
+                    f"record {self.key[:16]}: tail_logprob has {self.tail_logprob.size} values,"
+                    f" want {self.n_scored}"
+                )
 
     @property
     def n_scored(self) -> int:
@@ -67,8 +77,6 @@ class SequenceRecord:
             raise ValueError(
                 f"{where}: token_logprob has {self.token_logprob.size} values, want {n}"
             )
-        if self.tail_logprob is not None and self.tail_logprob.shape != (n,):
-            raise ValueError(f"{where}: tail_logprob has {self.tail_logprob.size} values, want {n}")
         if np.isnan(self.topk_logprobs).any() or (self.topk_logprobs > 1e-4).any():
             raise ValueError(f"{where}: topk_logprobs must be log-probabilities (<= 0, not NaN)")
 

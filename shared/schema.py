@@ -19,7 +19,7 @@ import json
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 
@@ -104,15 +104,59 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
     return {"use_dictionary": dictionary, "column_encoding": encodings}
 
 
-class SamplingInfo(BaseModel):
-    """Every sampling parameter that changes what the teacher produced."""
+# Below this a nonzero temperature divides logits into overflow; 0 means greedy.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+# Seeds reach torch and vLLM as signed 64-bit integers.
+MAX_SEED = 2**63 - 1
 
-    model_config = ConfigDict(extra="allow", frozen=True)
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int | None = None
-    seed: int | None = None
+class Sampling(BaseModel):
+    """How a generation picks its tokens: every field can change what the teacher produced.
+
+    The one sampling type of distillcache: the HTTP bodies, batch jobs, the ``cache`` flags,
+    the backends and the dataset metadata all use it. ``temperature`` 0 is greedy, and a
+    greedy generation does not depend on ``top_p`` or ``seed``: ``normalized`` drops them,
+    so the cache key of a greedy request ignores them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(256, ge=1, description="Longest generated completion, in tokens.")
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        allow_inf_nan=False,
+        description=f"Sampling temperature: 0 is greedy; else {MIN_TEMPERATURE} to "
+        f"{MAX_TEMPERATURE:g}.",
+    )
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Sampling seed (none: a fresh draw per request)."
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_safe(cls, value: float) -> float:
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value}")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_sampling(self) -> Sampling:
+        """Just the sampling, from a model that extends it (a request body, a job spec)."""
+        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
+
+    def normalized(self) -> Sampling:
+        """The same sampling with the fields that cannot change its result reset."""
+        plain = self.as_sampling()
+        return plain.model_copy(update={"top_p": 1.0, "seed": None}) if self.greedy else plain
 
 
 class DatasetInfo(BaseModel):
@@ -137,9 +181,26 @@ class DatasetInfo(BaseModel):
     logprobs_mode: str = Field(
         "raw_logprobs", description="What was stored: the teacher's raw T=1 log-softmax."
     )
-    sampling: SamplingInfo = SamplingInfo()
+    sampling: Sampling | None = Field(
+        None,
+        description="The sampling of every generated row; None when it varies per request "
+        "(live datasets): each row's request column holds its own.",
+    )
     backend: str
     backend_version: str
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _legacy_sampling(cls, value: Any) -> Any:
+        """Datasets written before ``Sampling`` existed stored ``{"per_request": true}``
+        for live datasets and a looser sampling object; both still read."""
+        if isinstance(value, dict):
+            if value.get("per_request"):
+                return None
+            return {
+                name: value[name] for name in Sampling.model_fields if value.get(name) is not None
+            }
+        return value
 
     def compatibility(self) -> dict[str, Any]:
         """The fields two writers of the same dataset must agree on."""

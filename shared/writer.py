@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .codec import canonical_topk, encode_logprobs, tail_logprob
+from .codec import canonical_topk, encode_logprobs
 from .manifest import ShardEntry, fsync_dir, locked_manifest
 from .record import SequenceRecord
 from .schema import PARQUET_METADATA_KEY, DatasetInfo, parquet_options, shard_schema
@@ -190,10 +190,7 @@ def records_to_table(
     pos_offsets = np.zeros(len(records) + 1, dtype=np.int32)
     np.cumsum(n_scored, out=pos_offsets[1:])
     raw = np.concatenate([r.topk_logprobs for r in records])
-    tails = tail_logprob(raw)
-    for r, start in zip(records, pos_offsets[:-1], strict=True):
-        if r.tail_logprob is not None:
-            tails[start : start + r.n_scored] = r.tail_logprob
+    tails = np.concatenate([r.tail_logprob for r in records])
     # Encoding is per entry, so it commutes with the sort by id; sorting the encoded
     # values moves fewer bytes.
     ids, stored = canonical_topk(

@@ -1,11 +1,17 @@
-"""Shared pytest fixtures: a real chat tokenizer trained locally (there is no model hub)."""
+"""Shared pytest fixtures: a real chat tokenizer trained locally (there is no model hub), a
+tiny teacher, and a real teacher server per test module with its client."""
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
+import httpx
 import pytest
 import torch
+from service_support import build_teacher, thread_server
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.tiny_models import train_tokenizer
 
 TOKENIZER_CORPUS = [
@@ -39,3 +45,44 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Server(NamedTuple):
+    """A running teacher service: its URL, data root and settings."""
+
+    url: str
+    data: Path
+    settings: TeacherSettings
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """The tiny teacher every service test serves (built once per run)."""
+    return build_teacher(tmp_path_factory.mktemp("teacher"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, teacher_model: Path
+) -> Iterator[Server]:
+    """A real uvicorn server in a thread over the tiny teacher, ready, for one test module.
+
+    The module's ``SERVER_SETTINGS`` dict sets its TeacherSettings (beyond model and
+    data root)."""
+    data = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "data"
+    settings = TeacherSettings(
+        model=str(teacher_model),
+        data_root=data,
+        **getattr(request.module, "SERVER_SETTINGS", {}),
+    )
+    with thread_server(settings) as url:
+        yield Server(url, data, settings)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's server, with its bearer token when it has one."""
+    token = server.settings.token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=server.url, timeout=60, headers=headers) as c:
+        yield c

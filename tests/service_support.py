@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import uvicorn
 
-from distillcache.services.teacher.api import create_app
-from distillcache.services.teacher.cli import open_backend
+from distillcache.services.teacher.app import create_app
 from distillcache.services.teacher.readiness import free_port, wait_ready
+from distillcache.services.teacher.runtime import open_backend
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.tiny_models import build_tiny_model
 
@@ -62,7 +62,10 @@ def thread_server(
         if load_backend is None:
             wait_ready(url)
         else:
+            deadline = time.monotonic() + 60
             while not server.started:
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the test server on {url} did not start")
                 time.sleep(0.05)
         yield url
     finally:

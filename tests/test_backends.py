@@ -21,13 +21,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distillcache.services.teacher.backend import (
-    GenerateRequest,
-    Sampling,
-    ScoreRequest,
-    TeacherOutput,
-)
+from distillcache.services.teacher.backend import Query, TeacherOutput
 from distillcache.services.teacher.backend_transformers import TransformersBackend
+from distillcache.services.teacher.limits import QueryError
+from distillcache.shared.schema import Sampling
 from distillcache.shared.tiny_models import (
     build_tiny_model,
     chat_texts,
@@ -155,7 +152,7 @@ def backend(request: pytest.FixtureRequest) -> tuple[Any, Run]:
 
 
 def greedy(prompts: list[tuple[int, ...]], k: int = 20, max_tokens: int = 24) -> list:
-    return [GenerateRequest(p, k=k, sampling=Sampling(max_tokens=max_tokens)) for p in prompts]
+    return [Query("generate", p, k=k, sampling=Sampling(max_tokens=max_tokens)) for p in prompts]
 
 
 def full_logprobs(model, sequence: list[int], width: int) -> torch.Tensor:
@@ -215,9 +212,9 @@ def test_backends_agree_on_scoring_from_logprob_start(transformers_backend, vllm
     (reference, run_reference), (engine, run_engine) = transformers_backend, vllm_backend
     completion = tuple(reference.tokenizer("The answer is 19.")["input_ids"])
     requests = [
-        ScoreRequest(prompts[0], completion, k=64),
-        ScoreRequest(prompts[1], completion, k=5, logprob_start=3),
-        ScoreRequest(prompts[2], completion[:1], k=1),
+        Query("score", prompts[0], k=64, completion_ids=completion),
+        Query("score", prompts[1], k=5, completion_ids=completion, logprob_start=3),
+        Query("score", prompts[2], k=1, completion_ids=completion[:1]),
     ]
     expected = run_reference(reference.score(requests))
     got = run_engine(engine.score(requests))
@@ -234,7 +231,9 @@ def test_token_logprob_is_the_full_vocab_log_softmax_even_outside_topk(
     teacher, run = backend
     # Tokens the teacher finds unlikely, so most lie outside a top-2.
     completion = tuple(teacher.tokenizer("zebra quantum 7 fox")["input_ids"])
-    (out,) = run(teacher.score([ScoreRequest(prompts[0], completion, k=2, logprob_start=1)]))
+    (out,) = run(
+        teacher.score([Query("score", prompts[0], k=2, completion_ids=completion, logprob_start=1)])
+    )
 
     sequence = list(prompts[0] + completion)
     expected = full_logprobs(reference_model, sequence, teacher.vocab_size)[:-1]
@@ -266,9 +265,12 @@ def test_padded_logit_width_is_sliced_to_the_tokenizer(backend, prompts, referen
 def test_same_seed_gives_the_same_sampled_completion(backend, prompts):
     teacher, run = backend
 
-    def sampled(seed: int) -> GenerateRequest:
-        return GenerateRequest(
-            prompts[1], k=5, sampling=Sampling(max_tokens=24, temperature=1.0, seed=seed)
+    def sampled(seed: int) -> Query:
+        return Query(
+            "generate",
+            prompts[1],
+            k=5,
+            sampling=Sampling(max_tokens=24, temperature=1.0, seed=seed),
         )
 
     alone = run(teacher.generate([sampled(7)]))[0]
@@ -292,7 +294,7 @@ def test_greedy_generation_scores_the_same_as_teacher_forcing_its_completion(bac
     scored = run(
         teacher.score(
             [
-                ScoreRequest(p, tuple(g.completion_ids), k=8)
+                Query("score", p, k=8, completion_ids=tuple(g.completion_ids))
                 for p, g in zip(prompts, generated, strict=True)
             ]
         )
@@ -324,7 +326,8 @@ def test_k_zero_keeps_only_the_token_logprob(backend, prompts):
 
 def test_requests_past_the_limits_are_refused(backend, prompts):
     teacher, run = backend
-    with pytest.raises(ValueError, match="k="):
+    # The service's own check (limits.py), with the same messages whoever calls.
+    with pytest.raises(QueryError, match="^k: must be between 0 and"):
         run(teacher.generate(greedy(prompts[:1], k=teacher.max_k + 1)))
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(QueryError, match="^prompt: .* no room in the teacher's context"):
         run(teacher.generate(greedy([(5,) * MAX_MODEL_LEN])))

@@ -390,7 +390,7 @@ def test_chat_template_rendering_equals_apply_chat_template(chat_tokenizer) -> N
         row.messages, add_generation_prompt=True, tokenize=False
     )
 
-    ids = render_prompt(chat_tokenizer, row)
+    ids = render_prompt(chat_tokenizer, row.messages)
 
     assert ids == chat_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert chat_tokenizer.decode(ids) == (
@@ -404,8 +404,10 @@ def test_prompt_and_question_rows_render_as_one_user_turn(tmp_path: Path, chat_t
     path = write_rows(tmp_path / "in.jsonl", [{"prompt": "Hi there"}, {"question": "Hi there"}])
     [prompt_row, question_row], _ = load_input_rows(path)
 
-    assert render_prompt(chat_tokenizer, prompt_row) == render_prompt(chat_tokenizer, question_row)
-    assert chat_tokenizer.decode(render_prompt(chat_tokenizer, prompt_row)) == (
+    assert render_prompt(chat_tokenizer, prompt_row.messages) == render_prompt(
+        chat_tokenizer, question_row.messages
+    )
+    assert chat_tokenizer.decode(render_prompt(chat_tokenizer, prompt_row.messages)) == (
         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     )
 
@@ -416,7 +418,7 @@ def test_without_chat_template_a_single_user_turn_renders_as_its_plain_text(
     chat_tokenizer.chat_template = None
     row = InputRow("in.jsonl", 1, [{"role": "user", "content": "The quick brown fox"}], None, {})
 
-    ids = render_prompt(chat_tokenizer, row)
+    ids = render_prompt(chat_tokenizer, row.messages)
 
     assert ids == chat_tokenizer("The quick brown fox")["input_ids"]
     assert chat_tokenizer.decode(ids) == "The quick brown fox"
@@ -426,7 +428,7 @@ def test_without_chat_template_a_conversation_renders_with_role_prefixes(chat_to
     chat_tokenizer.chat_template = None
     row = InputRow("in.jsonl", 1, CHAT_ROW["messages"], None, {})
 
-    ids = render_prompt(chat_tokenizer, row)
+    ids = render_prompt(chat_tokenizer, row.messages)
 
     assert plain_prompt_text(row.messages) == (
         "System: Answer briefly.\n\nUser: Name a fox.\n\nAssistant:"
@@ -437,7 +439,7 @@ def test_without_chat_template_a_conversation_renders_with_role_prefixes(chat_to
 def test_completion_renders_as_its_tokens_followed_by_eos(chat_tokenizer) -> None:
     row = InputRow("in.jsonl", 1, [{"role": "user", "content": "Sum?"}], "2 + 3 = 5.", {})
 
-    ids = render_completion(chat_tokenizer, row)
+    ids = render_completion(chat_tokenizer, row.completion)
 
     assert (
         ids[-1] == chat_tokenizer.eos_token_id == chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -446,11 +448,11 @@ def test_completion_renders_as_its_tokens_followed_by_eos(chat_tokenizer) -> Non
     assert chat_tokenizer.eos_token_id not in ids[:-1]
 
 
-def test_rendering_the_completion_of_a_row_without_one_is_refused(chat_tokenizer) -> None:
-    row = InputRow("in.jsonl", 4, [{"role": "user", "content": "Sum?"}], None, {})
+def test_rendering_a_completion_without_an_eos_token_is_refused(chat_tokenizer) -> None:
+    chat_tokenizer.eos_token = None
 
-    with pytest.raises(ValueError, match=r"in\.jsonl:4: row has no completion"):
-        render_completion(chat_tokenizer, row)
+    with pytest.raises(ValueError, match="no eos token"):
+        render_completion(chat_tokenizer, "2 + 3 = 5.")
 
 
 def test_pad_token_falls_back_to_eos(chat_tokenizer) -> None:

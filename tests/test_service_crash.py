@@ -13,7 +13,6 @@ import httpx
 import pytest
 from service_support import (
     DISTILL,
-    build_teacher,
     question_rows,
     serve_process,
     wait_job,
@@ -51,17 +50,17 @@ def kill_when_published(process: subprocess.Popen, dataset: Path, rows: int) -> 
 
 
 def assert_every_row_exactly_once(dataset: Path, rows: list[dict]) -> None:
-    stored = list(ShardDataset(dataset).iter_rows(verify=True))
-    assert len({row["key"] for row in stored}) == len(stored)
-    assert sorted(row["meta"]["id"] for row in stored) == sorted(row["id"] for row in rows)
+    stored = list(ShardDataset(dataset).iter_records(verify=True))
+    assert len({row.key for row in stored}) == len(stored)
+    assert sorted(row.meta["id"] for row in stored) == sorted(row["id"] for row in rows)
     verify = subprocess.run([DISTILL, "verify", str(dataset)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_distill_cache_killed_with_sigkill_midway_and_restarted_stores_every_row_once(
-    tmp_path: Path, tokenizer_dir: Path
+    tmp_path: Path, teacher_model: Path
 ):
-    model = build_teacher(tmp_path / "teacher", tokenizer_dir)
+    model = teacher_model
     rows = question_rows(ROWS)
     source = write_jsonl(tmp_path / "in.jsonl", [*rows[:3], "{broken", *rows[3:]])
     data = tmp_path / "data"
@@ -105,9 +104,9 @@ def test_distill_cache_killed_with_sigkill_midway_and_restarted_stores_every_row
 
 
 def test_a_server_killed_with_sigkill_resumes_its_job_after_restart(
-    tmp_path: Path, tokenizer_dir: Path
+    tmp_path: Path, teacher_model: Path
 ):
-    model = build_teacher(tmp_path / "teacher", tokenizer_dir)
+    model = teacher_model
     data = tmp_path / "data"
     data.mkdir()
     rows = question_rows(ROWS)

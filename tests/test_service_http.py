@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
-from service_support import build_teacher, metric, thread_server, wait_ready
+from service_support import metric, thread_server, wait_ready
 
-from distillcache.services.teacher.cli import open_backend
+from distillcache.services.teacher.runtime import open_backend
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.reader import ShardDataset
 
@@ -20,28 +17,15 @@ MAX_K = 16
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterator[tuple]:
-    root = tmp_path_factory.mktemp("http")
-    model = build_teacher(root / "teacher", tokenizer_dir, max_position_embeddings=CONTEXT)
-    settings = TeacherSettings(
-        model=str(model),
-        data_root=root / "data",
-        max_k=MAX_K,
-        default_k=8,
-        flush_rows=1,
-        max_batch_size=4,
-        # Exact log-probs, so the tests can compare them tightly; codecs are shared/'s tests.
-        logprob_codec="float32",
-    )
-    with thread_server(settings) as url:
-        yield url, root / "data"
-
-
-@pytest.fixture
-def client(server: tuple) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=60) as c:
-        yield c
+SERVER_SETTINGS = {
+    "max_k": MAX_K,
+    "default_k": 8,
+    "max_model_len": CONTEXT,
+    "flush_rows": 1,
+    "max_batch_size": 4,
+    # Exact log-probs, so the tests can compare them tightly; codecs are shared/'s tests.
+    "logprob_codec": "float32",
+}
 
 
 def test_generate_returns_topk_most_likely_first_with_token_and_tail_logprobs(client):
@@ -102,11 +86,11 @@ def test_stored_answers_land_in_a_live_dataset_of_their_k(client, server):
     body = client.post(
         "/v1/generate", json={"prompt": "Store me", "max_tokens": 3, "k": 3, "store": True}
     ).json()
-    ds = ShardDataset(server[1] / body["dataset"])
+    ds = ShardDataset(server.data / body["dataset"])
     assert ds.info.k == 3
-    rows = {row["key"]: row for row in ds.iter_rows()}
-    assert rows[body["key"]]["completion_ids"] == body["completion_ids"]
-    assert rows[body["key"]]["request"]["mode"] == "generate"
+    rows = {row.key: row for row in ds.iter_records()}
+    assert rows[body["key"]].completion_ids.tolist() == body["completion_ids"]
+    assert rows[body["key"]].request["mode"] == "generate"
 
 
 def test_store_false_answers_without_storing(client):
@@ -181,8 +165,8 @@ def test_datasets_are_listed_with_their_manifest_summaries(client):
     assert client.get("/v1/datasets/nope").status_code == 404
 
 
-def test_v1_answers_503_until_the_teacher_has_loaded(tmp_path, tokenizer_dir):
-    model = build_teacher(tmp_path / "teacher", tokenizer_dir)
+def test_v1_answers_503_until_the_teacher_has_loaded(tmp_path, teacher_model):
+    model = teacher_model
     settings = TeacherSettings(model=str(model), data_root=tmp_path / "data")
     release = threading.Event()
 

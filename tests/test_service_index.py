@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from distillcache.services.teacher.identity import TeacherIdentity
 from distillcache.services.teacher.index import CacheIndex
-from distillcache.services.teacher.store import TeacherIdentity, TeacherStore, check_dataset_name
+from distillcache.services.teacher.store import TeacherStore, check_dataset_name
 from distillcache.shared.manifest import MANIFEST
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import SamplingInfo
+from distillcache.shared.schema import Sampling
 from distillcache.shared.writer import ShardWriter
 
 K = 4
@@ -49,7 +49,7 @@ def record(i: int, n: int = 3) -> SequenceRecord:
 
 
 def write_dataset(root: Path, records: list[SequenceRecord], per_shard: int) -> None:
-    info = IDENTITY.dataset_info(K, "float32", SamplingInfo())
+    info = IDENTITY.dataset_info(K, "float32", Sampling())
     with ShardWriter(root, info, max_shard_rows=per_shard, row_group_tokens=4) as writer:
         writer.write_many(records)
 
@@ -83,10 +83,9 @@ def test_a_lookup_returns_the_stored_row_decoded(data_root):
     found = index.fetch([record(i).key for i in (0, 5, 9)] + ["f" * 64])
     assert sorted(found) == sorted(record(i).key for i in (0, 5, 9))
     for i in (0, 5, 9):
-        hit = found[record(i).key]
-        assert hit.dataset == "ds"
-        assert_same(hit.record, record(i))
-        assert hit.record.tail_logprob is not None
+        dataset, stored = found[record(i).key]
+        assert dataset == "ds"
+        assert_same(stored, record(i))
 
 
 def test_a_deleted_or_corrupt_index_is_rebuilt_from_the_manifests(data_root):
@@ -111,7 +110,7 @@ def test_shards_published_by_another_writer_are_indexed_on_refresh(data_root):
     write_dataset(data_root / "ds", [record(i) for i in range(10, 13)], per_shard=10)
     assert index.fetch([record(11).key]) == {}
     index.refresh()
-    assert_same(index.fetch([record(11).key])[record(11).key].record, record(11))
+    assert_same(index.fetch([record(11).key])[record(11).key][1], record(11))
 
 
 def test_a_shard_dropped_from_the_manifest_is_forgotten(data_root):
@@ -128,11 +127,21 @@ def test_a_shard_dropped_from_the_manifest_is_forgotten(data_root):
 
 
 def test_pending_rows_are_answered_from_memory_until_published(tmp_path):
-    store = TeacherStore(tmp_path, IDENTITY, codec="cbrt-u8", flush_rows=3, flush_seconds=0.2)
-    store.open_dataset("live", K, SamplingInfo())
+    now = [0.0]
+    store = TeacherStore(
+        tmp_path,
+        IDENTITY,
+        codec="cbrt-u8",
+        flush_rows=3,
+        flush_seconds=10.0,
+        row_group_tokens=1024,
+        clock=lambda: now[0],
+    )
+    store.open_dataset("live", K, None)
     store.put("live", [record(0), record(1)])
     assert store.index.fetch([record(0).key]) == {}
     found = store.lookup([record(0).key, record(1).key])
+    assert found[record(0).key].cached and found[record(0).key].dataset == "live"
     assert_same(found[record(0).key].record, record(0))
     assert store.contains("live", [record(1).key, record(7).key]) == {record(1).key}
 
@@ -141,14 +150,17 @@ def test_pending_rows_are_answered_from_memory_until_published(tmp_path):
     assert len(store.index.fetch([record(i).key for i in range(3)])) == 3
 
     store.put("live", [record(3)])
+    now[0] += 9.9
     store.flush_due()
     assert store.pending_rows("live") == 1
-    time.sleep(0.25)
+    now[0] += 0.1  # the oldest pending row is now flush_seconds old
     store.flush_due()
     assert store.pending_rows("live") == 0
     store.put("live", [record(3)])  # already stored: not written twice
     store.close()
-    rows = TeacherStore(tmp_path, IDENTITY, codec="cbrt-u8", flush_rows=3, flush_seconds=1)
+    rows = TeacherStore(
+        tmp_path, IDENTITY, codec="cbrt-u8", flush_rows=3, flush_seconds=1, row_group_tokens=1024
+    )
     assert len(rows.lookup([record(i).key for i in range(5)])) == 4
 
 

@@ -2,56 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from service_support import (
-    build_teacher,
     metric,
     question_rows,
-    thread_server,
     wait_job,
     write_jsonl,
 )
 
-from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.reader import ShardDataset, verify_dataset
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterator[tuple]:
-    root = tmp_path_factory.mktemp("jobs")
-    model = build_teacher(root / "teacher", tokenizer_dir)
-    settings = TeacherSettings(
-        model=str(model),
-        data_root=root / "data",
-        default_k=4,
-        max_batch_size=8,
-        job_chunk_rows=8,
-        flush_rows=16,
-    )
-    with thread_server(settings) as url:
-        yield url, root / "data"
+SERVER_SETTINGS = {"default_k": 4, "max_batch_size": 8, "job_chunk_rows": 8, "flush_rows": 16}
 
 
-@pytest.fixture
-def client(server: tuple) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=60) as c:
-        yield c
-
-
-def run_job(client: httpx.Client, **body) -> dict:
+def finished_job(client: httpx.Client, **body) -> dict:
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
     return wait_job(client, r.json()["id"])
 
 
 def rows_by_key(path: Path) -> dict[str, dict]:
-    rows = list(ShardDataset(path).iter_rows(verify=True))
-    by_key = {row["key"]: row for row in rows}
+    rows = list(ShardDataset(path).iter_records(verify=True))
+    by_key = {row.key: vars(row) for row in rows}
     assert len(by_key) == len(rows), "a key is stored twice"
     return by_key
 
@@ -69,15 +44,15 @@ def assert_same_rows(a: dict[str, dict], b: dict[str, dict]) -> None:
 def test_second_identical_job_runs_zero_teacher_tokens_and_its_output_equals_the_first(
     client, server
 ):
-    data = server[1]
+    data = server.data
     write_jsonl(data / "same.jsonl", question_rows(12))
     request = {"input": "same.jsonl", "k": 4, "max_tokens": 6}
-    first = run_job(client, output="first", **request)
+    first = finished_job(client, output="first", **request)
     assert first["state"] == "done", first
     assert first["progress"]["rows_teacher"] == 12 and first["progress"]["teacher_tokens"] > 0
 
     teacher_tokens = metric(client, "distill_teacher_tokens_total")
-    second = run_job(client, output="second", **request)
+    second = finished_job(client, output="second", **request)
     assert second["state"] == "done", second
     p = second["progress"]
     assert (p["rows_teacher"], p["teacher_tokens"], p["rows_cached"]) == (0, 0, 12)
@@ -85,13 +60,13 @@ def test_second_identical_job_runs_zero_teacher_tokens_and_its_output_equals_the
     assert metric(client, "distill_teacher_tokens_total") == teacher_tokens
     assert_same_rows(rows_by_key(data / "first"), rows_by_key(data / "second"))
 
-    again = run_job(client, output="first", **request)
+    again = finished_job(client, output="first", **request)
     assert again["progress"]["rows_present"] == 12 and again["progress"]["teacher_tokens"] == 0
     assert len(rows_by_key(data / "first")) == 12
 
 
 def test_malformed_lines_are_reported_by_line_number_and_the_rest_is_cached(client, server):
-    data = server[1]
+    data = server.data
     good = question_rows(5)
     lines = [
         good[0],
@@ -105,7 +80,7 @@ def test_malformed_lines_are_reported_by_line_number_and_the_rest_is_cached(clie
         good[4],
     ]
     write_jsonl(data / "mixed.jsonl", lines)
-    job = run_job(client, input="mixed.jsonl", output="mixed", max_tokens=4)
+    job = finished_job(client, input="mixed.jsonl", output="mixed", max_tokens=4)
     assert job["state"] == "done", job
     errors = {e["line"]: e["message"] for e in job["errors"]}
     assert sorted(errors) == [2, 4, 8]
@@ -116,12 +91,12 @@ def test_malformed_lines_are_reported_by_line_number_and_the_rest_is_cached(clie
 
 
 def test_rows_with_a_completion_are_scored_by_teacher_forcing(client, server, chat_tokenizer):
-    data = server[1]
+    data = server.data
     write_jsonl(
         data / "solved.jsonl",
         [{"id": "s1", "question": "What is 1 + 1?", "teacher_solution": "1 + 1 = 2."}],
     )
-    job = run_job(client, input="solved.jsonl", output="solved")
+    job = finished_job(client, input="solved.jsonl", output="solved")
     assert job["state"] == "done", job
     [row] = rows_by_key(data / "solved").values()
     assert row["request"]["mode"] == "score"
@@ -132,7 +107,7 @@ def test_rows_with_a_completion_are_scored_by_teacher_forcing(client, server, ch
 
 
 def test_a_cancelled_job_resumes_to_every_row_exactly_once(client, server):
-    data = server[1]
+    data = server.data
     rows = question_rows(48, start=100)
     write_jsonl(data / "long.jsonl", rows)
     created = client.post(
@@ -155,7 +130,7 @@ def test_a_cancelled_job_resumes_to_every_row_exactly_once(client, server):
 
 
 def test_job_status_listing_and_unknown_jobs(client, server):
-    write_jsonl(server[1] / "one.jsonl", question_rows(1))
+    write_jsonl(server.data / "one.jsonl", question_rows(1))
     created = client.post("/v1/jobs", json={"input": "one.jsonl", "output": "one"}).json()
     wait_job(client, created["id"])
     jobs = client.get("/v1/jobs").json()
@@ -168,7 +143,10 @@ def test_job_status_listing_and_unknown_jobs(client, server):
 
 
 def test_a_job_into_a_dataset_of_another_k_is_refused(client, server):
-    write_jsonl(server[1] / "k.jsonl", question_rows(1))
-    assert run_job(client, input="k.jsonl", output="k-fixed", k=3, max_tokens=2)["state"] == "done"
+    write_jsonl(server.data / "k.jsonl", question_rows(1))
+    assert (
+        finished_job(client, input="k.jsonl", output="k-fixed", k=3, max_tokens=2)["state"]
+        == "done"
+    )
     r = client.post("/v1/jobs", json={"input": "k.jsonl", "output": "k-fixed", "k": 5})
     assert r.status_code == 409 and r.json()["detail"].startswith("output:")

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
-from service_support import build_teacher, thread_server
+from service_support import thread_server
 
 from distillcache.services.teacher.settings import TeacherSettings
 
@@ -15,9 +15,9 @@ QUEUE = 8
 
 
 def test_64_concurrent_clients_against_a_queue_of_8_get_only_200s_and_429s(
-    tmp_path: Path, tokenizer_dir: Path
+    tmp_path: Path, teacher_model: Path
 ):
-    model = build_teacher(tmp_path / "teacher", tokenizer_dir)
+    model = teacher_model
     settings = TeacherSettings(
         model=str(model), data_root=tmp_path / "data", queue_size=QUEUE, max_batch_size=4
     )

@@ -73,11 +73,11 @@ def test_vllm_second_identical_job_runs_zero_teacher_tokens_and_equals_the_first
     assert (second["rows_teacher"], second["teacher_tokens"]) == (0, 0)
     assert second["rows_cached"] == len(rows)
     assert metric(client, "distill_teacher_tokens_total") == before
-    a = {r["key"]: r for r in ShardDataset(data / "first").iter_rows()}
-    b = {r["key"]: r for r in ShardDataset(data / "second").iter_rows()}
+    a = {r.key: vars(r) for r in ShardDataset(data / "first").iter_records()}
+    b = {r.key: vars(r) for r in ShardDataset(data / "second").iter_records()}
     assert a.keys() == b.keys()
     for key in a:
-        assert a[key]["completion_ids"] == b[key]["completion_ids"]
+        np.testing.assert_array_equal(a[key]["completion_ids"], b[key]["completion_ids"])
         np.testing.assert_array_equal(a[key]["topk_ids"], b[key]["topk_ids"])
         np.testing.assert_array_equal(a[key]["topk_logprobs"], b[key]["topk_logprobs"])
         np.testing.assert_array_equal(a[key]["tail_logprob"], b[key]["tail_logprob"])

@@ -75,18 +75,18 @@ def write_dataset(root: Path, n: int, k: int = 8, codec: str = "float32", seed: 
     return records
 
 
-def assert_row_matches(row: dict, rec: SequenceRecord, exact: bool = True) -> None:
-    assert row["key"] == rec.key
-    assert row["prompt_ids"] == rec.prompt_ids.tolist()
-    assert row["completion_ids"] == rec.completion_ids.tolist()
+def assert_row_matches(row: SequenceRecord, rec: SequenceRecord, exact: bool = True) -> None:
+    assert row.key == rec.key
+    np.testing.assert_array_equal(row.prompt_ids, rec.prompt_ids)
+    np.testing.assert_array_equal(row.completion_ids, rec.completion_ids)
     ids, lps = canonical_topk(rec.topk_ids, rec.topk_logprobs)
-    np.testing.assert_array_equal(row["topk_ids"], ids)
+    np.testing.assert_array_equal(row.topk_ids, ids)
     if exact:
-        np.testing.assert_array_equal(row["topk_logprobs"], lps)
-    np.testing.assert_array_equal(row["token_logprob"], rec.token_logprob)
-    np.testing.assert_allclose(row["tail_logprob"], tail_logprob(rec.topk_logprobs))
-    assert row["meta"] == rec.meta
-    assert row["completion_text"] == rec.completion_text
+        np.testing.assert_array_equal(row.topk_logprobs, lps)
+    np.testing.assert_array_equal(row.token_logprob, rec.token_logprob)
+    np.testing.assert_allclose(row.tail_logprob, tail_logprob(rec.topk_logprobs))
+    assert row.meta == rec.meta
+    assert row.completion_text == rec.completion_text
 
 
 @settings(
@@ -106,7 +106,7 @@ def test_round_trip_returns_every_record_exactly(
     records = write_dataset(
         root, n, k=k, seed=seed, row_group_tokens=row_group_tokens, max_shard_rows=max_shard_rows
     )
-    rows = list(ShardDataset(root).iter_rows())
+    rows = list(ShardDataset(root).iter_records())
     assert len(rows) == n
     for row, rec in zip(rows, records, strict=True):
         assert_row_matches(row, rec)
@@ -200,7 +200,7 @@ def test_writer_killed_mid_shard_leaves_only_complete_verified_shards(tmp_path):
     ds = ShardDataset(tmp_path)
     assert ds.manifest.rows >= 100
     assert ds.manifest.rows % 50 == 0
-    keys = [row["key"] for row in ds.iter_rows(verify=True)]
+    keys = [row.key for row in ds.iter_records(verify=True)]
     assert keys == [f"key-{i}" for i in range(len(keys))]
 
 
@@ -226,7 +226,7 @@ def test_truncated_shard_is_named_when_read(tmp_path):
     shard = tmp_path / read_manifest(tmp_path).shards[0].file
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(DatasetError, match=shard.name):
-        list(ShardDataset(tmp_path).iter_rows())
+        list(ShardDataset(tmp_path).iter_records())
 
 
 def test_missing_shard_is_named(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from test_trainer_helpers import task_tokenizer, tiny_model, write_teacher_shards
+from trainer_support import task_tokenizer, tiny_model, write_teacher_shards
 from typer.testing import CliRunner
 
 from distillcache.cli import app

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_helpers import max_weight_difference, task_tokenizer, tiny_model
-from test_trainer_helpers import write_teacher_shards as make_shards
+from trainer_support import max_weight_difference, task_tokenizer, tiny_model
+from trainer_support import write_teacher_shards as make_shards
 from transformers import AutoModelForCausalLM
 
 from distillcache.shared.tiny_models import synthetic_task_rows

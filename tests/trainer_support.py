@@ -1,24 +1,25 @@
 """Building blocks the trainer tests share: a tiny task, tiny models, real teacher shards.
 
-No tests here. The shards are made the way the teacher service makes them, minus the
-service: a real tiny model runs with plain torch (full-vocabulary log-softmax, top-k),
-and ``ShardWriter`` writes the records.
+No tests here. The shards are written by the real teacher service (in-process, the
+transformers backend over a tiny model), so the trainer tests read exactly what
+``distill serve`` and ``distill cache`` write.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from distillcache.services.teacher.backend import Query
+from distillcache.services.teacher.metrics import ServiceMetrics
+from distillcache.services.teacher.runtime import build_runtime, open_backend
+from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.inputs import parse_row, render_completion, render_prompt
-from distillcache.shared.keys import cache_key, tokenizer_hash
-from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import DatasetInfo
+from distillcache.shared.schema import Sampling
 from distillcache.shared.tiny_models import (
     build_tiny_model,
     chat_texts,
@@ -26,7 +27,6 @@ from distillcache.shared.tiny_models import (
     train_tiny_model,
     train_tokenizer,
 )
-from distillcache.shared.writer import ShardWriter
 
 
 def task_tokenizer(out_dir: Path, n_rows: int = 400) -> Path:
@@ -65,32 +65,6 @@ def trained_teacher(out_dir: Path, tokenizer_dir: Path, rows: list[dict], steps:
     return out_dir
 
 
-@torch.no_grad()
-def _greedy_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int):
-    eos = tokenizer.eos_token_id
-    completions = []
-    for start in range(0, len(prompts), 64):
-        group = prompts[start : start + 64]
-        width = max(map(len, group))
-        ids = torch.full((len(group), width), eos)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, p in enumerate(group):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=eos,
-            eos_token_id=eos,
-        )[:, width:].tolist()
-        for row in out:
-            completions.append(row[: row.index(eos) + 1] if eos in row else row)
-    return completions
-
-
-@torch.no_grad()
 def write_teacher_shards(
     teacher_dir: Path,
     rows: list[dict],
@@ -102,63 +76,50 @@ def write_teacher_shards(
     row_group_tokens: int = 1024,
     score_prompt_from: int | None = None,
 ) -> Path:
-    """Run the teacher over seed rows and write its top-k as a shard dataset.
+    """Run the teacher service over seed rows into the dataset ``out_dir``, in-process.
 
-    ``generate``: the teacher writes the completions (greedy); otherwise it scores the
-    rows' ``teacher_solution``. ``score_prompt_from`` also scores prompt tokens from that
-    index on (``logprob_start``), as a teacher-forcing job may.
+    The shards are the real service's: the transformers backend under the runtime
+    ``distill serve`` and ``distill cache`` build, ``TeacherService.answer`` keying and
+    storing every row. ``generate``: the teacher writes the completions (greedy);
+    otherwise it scores the rows' ``teacher_solution``. ``score_prompt_from`` also scores
+    prompt tokens from that index on (``logprob_start``), as a scoring request may.
     """
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    vocab = len(tokenizer)
-    info = DatasetInfo(
-        teacher_model=str(teacher_dir),
-        tokenizer=str(teacher_dir),
-        tokenizer_hash=tokenizer_hash(tokenizer),
-        vocab_size=vocab,
-        logit_width=model.config.vocab_size,
-        k=k,
-        backend="torch-test",
-        backend_version=torch.__version__,
+    settings = TeacherSettings(
+        model=str(teacher_dir),
+        data_root=out_dir.parent,
+        max_k=k,
+        default_k=k,
+        row_group_tokens=row_group_tokens,
     )
-    inputs = [parse_row("seed", i + 1, row) for i, row in enumerate(rows)]
-    prompts = [render_prompt(tokenizer, item) for item in inputs]
-    if generate:
-        completions = _greedy_completions(model, tokenizer, prompts, max_new_tokens)
-    else:
-        completions = [render_completion(tokenizer, item) for item in inputs]
-    with ShardWriter(out_dir, info, writer_id="test", row_group_tokens=row_group_tokens) as w:
-        for item, prompt, completion in zip(inputs, prompts, completions, strict=True):
-            if not completion:
-                continue
-            start = len(prompt) if score_prompt_from is None else score_prompt_from
-            ids = torch.tensor([prompt + completion])
-            logits = model(ids).logits[0, start - 1 : -1, :vocab]
-            logprobs = F.log_softmax(logits.double(), -1).float()
-            top = logprobs.topk(k, dim=-1)
-            following = ids[0, start:]
-            w.write(
-                SequenceRecord(
-                    key=cache_key(
-                        teacher_model=info.teacher_model,
-                        teacher_revision=info.teacher_revision,
-                        tokenizer_hash=info.tokenizer_hash,
-                        prompt_ids=prompt,
-                        mode="score",
-                        k=k,
-                        sampling={},
+    sampling = Sampling(max_tokens=max_new_tokens)
+
+    async def run() -> None:
+        runtime = await build_runtime(settings, await open_backend(settings), ServiceMetrics())
+        try:
+            tokenizer = runtime.backend.tokenizer
+            queries, metas = [], []
+            for line, row in enumerate(rows, 1):
+                item = parse_row("seed", line, row)
+                prompt = tuple(render_prompt(tokenizer, item.messages))
+                if generate:
+                    query = Query("generate", prompt, k, sampling=sampling)
+                else:
+                    completion = tuple(render_completion(tokenizer, item.completion))
+                    query = Query(
+                        "score",
+                        prompt,
+                        k,
                         completion_ids=completion,
-                    ),
-                    prompt_ids=np.asarray(prompt),
-                    completion_ids=np.asarray(completion),
-                    logprob_start=start,
-                    topk_ids=top.indices.numpy(),
-                    topk_logprobs=top.values.numpy(),
-                    token_logprob=logprobs.gather(1, following[:, None])[:, 0].numpy(),
-                    completion_text=tokenizer.decode(completion),
-                    meta=item.meta,
-                )
-            )
+                        logprob_start=score_prompt_from,
+                    )
+                queries.append(query)
+                metas.append(item.meta)
+            runtime.store.open_dataset(out_dir.name, k, sampling)
+            await runtime.service.answer(queries, dataset=out_dir.name, metas=metas, queue=False)
+        finally:
+            await runtime.close()
+
+    asyncio.run(run())
     return out_dir
 
 

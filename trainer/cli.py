@@ -1,22 +1,20 @@
 """``distill train``: flags generated from ``TrainConfig``, plus ``--config FILE``.
 
-Each config field becomes ``--field-name`` (booleans get ``--x/--no-x``) with the field's
-description as help, so flags, config files and the Python API cannot disagree. Flags
-default to "not given" so that a config file's value survives unless a flag overrides it.
+Each config field becomes ``--field-name`` (distillcache/flags.py), so flags, config
+files and the Python API cannot disagree. Flags default to "not given" so that a config
+file's value survives unless a flag overrides it.
 """
 
 from __future__ import annotations
 
 import inspect
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
-from rich.markup import escape
+
+from distillcache.flags import flag, options
 
 from .config import APPROXIMATION_NOTE, TrainConfig, load_config
 
@@ -30,37 +28,9 @@ HELP = (
 )
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(annotation: Any) -> Any:
-    """``X | None`` -> ``X``: every flag is optional, None meaning "not given"."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0]
-    return annotation
-
-
-def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
-    base = _base_type(field.annotation)
-    flag = _flag(name)
-    declaration = f"{flag}/--no-{flag[2:]}" if base is bool else flag
-    default = "required" if field.is_required() else f"default: {field.default}"
-    # Escaped: rich would read "[default: 1.0]" as a style tag and drop it.
-    help_text = escape(f"{field.description} [{default}]")
-    option = typer.Option(declaration, help=help_text, show_default=False)
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[base | None, option],
-    )
-
-
 def config_flags() -> dict[str, str]:
     """Config field -> its flag, for every field of ``TrainConfig``."""
-    return {name: _flag(name) for name in TrainConfig.model_fields}
+    return {name: flag(name) for name in TrainConfig.model_fields}
 
 
 def train(config: Path | None = None, **flags: Any) -> None:
@@ -70,7 +40,7 @@ def train(config: Path | None = None, **flags: Any) -> None:
         settings = load_config(config, flags)
     except ValidationError as e:
         problems = "; ".join(
-            f"{_flag(str(err['loc'][0])) if err['loc'] else 'config'}: {err['msg']}"
+            f"{flag(str(err['loc'][0])) if err['loc'] else 'config'}: {err['msg']}"
             for err in e.errors()
         )
         raise typer.BadParameter(problems) from None
@@ -94,6 +64,6 @@ train.__signature__ = inspect.Signature(
                 ),
             ],
         ),
-        *(_parameter(name, field) for name, field in TrainConfig.model_fields.items()),
+        *options(TrainConfig),
     ]
 )

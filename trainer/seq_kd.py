@@ -68,8 +68,8 @@ class SeedFileSource:
             if item.completion is None:
                 skipped.append(f"{item.source}:{item.line}: no teacher_solution or completion")
                 continue
-            prompt = np.asarray(render_prompt(tokenizer, item), dtype=np.int32)
-            completion = np.asarray(render_completion(tokenizer, item), dtype=np.int32)
+            prompt = np.asarray(render_prompt(tokenizer, item.messages), dtype=np.int32)
+            completion = np.asarray(render_completion(tokenizer, item.completion), dtype=np.int32)
             self.examples.append(Example(example_key(prompt, completion), prompt, completion))
         if skipped:
             log.warning(

@@ -4,55 +4,63 @@ A backend turns token ids into the teacher's top-k log-probs; it knows nothing o
 caching or shards. Log-probs are always the raw T=1 log-softmax of the model's logits
 (sliced to the tokenizer's vocabulary), whatever sampling temperature picked the tokens:
 the trainer applies its own distillation temperature.
+
+A ``Query`` is one question to the teacher in token ids, the same object from the HTTP
+route or job row that made it, through the cache (whose key it defines), to the backend
+that answers it. A ``TeacherOutput`` is what the backend made of it; the service turns it
+into a ``SequenceRecord`` (a shard row) by adding the key and the tail.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters of a generation; every field is part of the cache key."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-        }
+from distillcache.shared.keys import Mode
+from distillcache.shared.schema import Sampling
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
+class Query:
+    """One question to the teacher.
+
+    ``generate``: a completion of ``prompt_ids`` drawn with ``sampling``. ``score``:
+    teacher forcing of ``prompt_ids + completion_ids``, with log-probs at positions
+    ``logprob_start..`` (default: the completion's positions); ``sampling`` is unused.
+    """
+
+    mode: Mode
     prompt_ids: tuple[int, ...]
     k: int
-    sampling: Sampling = field(default_factory=Sampling)
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """Teacher forcing of a fixed text: log-probs at positions ``logprob_start..`` of
-    ``prompt_ids + completion_ids`` (default: the completion's positions)."""
-
-    prompt_ids: tuple[int, ...]
-    completion_ids: tuple[int, ...]
-    k: int
+    sampling: Sampling = Sampling()
+    completion_ids: tuple[int, ...] = ()
     logprob_start: int | None = None
+
+    @property
+    def start(self) -> int:
+        """The first scored position: that of the first completion token unless given."""
+        return len(self.prompt_ids) if self.logprob_start is None else self.logprob_start
+
+    def key_sampling(self) -> dict[str, Any]:
+        """What the cache key covers beyond ids and k: a generation's sampling, normalised
+        (greedy ignores ``top_p`` and ``seed``); where scoring starts, when it is not the
+        first completion token."""
+        if self.mode == "generate":
+            return self.sampling.normalized().model_dump()
+        if self.start == len(self.prompt_ids):
+            return {}
+        return {"logprob_start": self.start}
+
+    def request_json(self) -> dict[str, Any]:
+        """The shard's ``request`` column: what the key covers, in readable form."""
+        return {"mode": self.mode, "k": self.k, **self.key_sampling()}
 
 
 @dataclass
 class TeacherOutput:
-    """What the teacher produced for one request, in the shard contract's terms.
+    """What the teacher produced for one query, in the shard contract's terms.
 
     ``topk_ids``/``topk_logprobs`` are [n, k] (any order within a position),
     ``token_logprob`` [n] is the log-prob of the token that actually came next.
@@ -81,8 +89,19 @@ class TeacherBackend(Protocol):
     max_k: int
     max_model_len: int
 
-    async def generate(self, requests: list[GenerateRequest]) -> list[TeacherOutput]: ...
+    async def generate(self, queries: list[Query]) -> list[TeacherOutput]: ...
 
-    async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]: ...
+    async def score(self, queries: list[Query]) -> list[TeacherOutput]: ...
 
     async def close(self) -> None: ...
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
+    """The tokenizer's eos plus the generation config's eos ids: what vLLM stops on too."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    extra = getattr(generation_config, "eos_token_id", None)
+    if extra is not None:
+        ids.update(int(i) for i in ([extra] if isinstance(extra, int) else extra))
+    return frozenset(ids)

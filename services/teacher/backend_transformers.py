@@ -15,7 +15,6 @@ batch shape may round differently in the last bits; that is the only difference.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,19 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from distillcache.services.teacher.backend import (
-    GenerateRequest,
-    Sampling,
-    ScoreRequest,
-    TeacherOutput,
-)
+from distillcache.shared.schema import Sampling
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+from .backend import Query, TeacherOutput, stop_token_ids
+from .identity import model_revision
+from .limits import Limits
+
 CPU_GQA_ATTENTION = "distillcache_sdpa_gqa"
 
 
@@ -77,100 +72,6 @@ def sdpa_with_grouped_kv(
 
 AttentionInterface.register(CPU_GQA_ATTENTION, sdpa_with_grouped_kv)
 AttentionMaskInterface.register(CPU_GQA_ATTENTION, sdpa_mask)
-
-
-def model_revision(model: str | Path, revision: str | None = None) -> str:
-    """The revision that identifies these exact weights, for cache keys and metadata.
-
-    A hub id (or a directory inside the Hugging Face cache) gives its commit hash, read
-    from the cache's ``snapshots/<commit>`` directory after loading. A plain local
-    directory has no commit, so it gets ``dir-sha256:`` + a hash of ``config.json``'s
-    bytes and the names and sizes of its weight files: cheap (no weight bytes are read)
-    and it changes whenever the checkpoint is rewritten with other shapes or files.
-    """
-    path = Path(model)
-    if path.is_dir():
-        resolved = path.resolve()
-        if resolved.parent.name == "snapshots":
-            return resolved.name
-        digest = hashlib.sha256()
-        config = resolved / "config.json"
-        if config.is_file():
-            digest.update(config.read_bytes())
-        for file in sorted(resolved.rglob("*")):
-            if file.is_file() and file.name.endswith(WEIGHT_SUFFIXES):
-                digest.update(f"{file.relative_to(resolved)}\0{file.stat().st_size}\n".encode())
-        return "dir-sha256:" + digest.hexdigest()[:16]
-    try:
-        cached = try_to_load_from_cache(str(model), "config.json", revision=revision)
-    except HFValidationError:
-        cached = None
-    if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots":
-        return Path(cached).parent.name
-    return revision or "unknown"
-
-
-def check_generate_requests(
-    requests: Sequence[GenerateRequest], *, max_k: int, vocab_size: int, max_model_len: int
-) -> None:
-    """Raise ValueError for a request no backend can answer as asked.
-
-    Both backends refuse the same requests with the same messages, so a caller's error
-    handling does not depend on the backend. A prompt needs room for one token; longer
-    `max_tokens` are cut at `max_model_len` (finish reason "length"), as vLLM does.
-    """
-    for request in requests:
-        _check_k(request.k, max_k, vocab_size)
-        sampling = request.sampling
-        if sampling.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
-        if sampling.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {sampling.temperature}")
-        if not 0 < sampling.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {sampling.top_p}")
-        if not 0 < len(request.prompt_ids) < max_model_len:
-            raise ValueError(
-                f"prompt of {len(request.prompt_ids)} tokens: generation needs 1 to "
-                f"{max_model_len - 1} (max_model_len {max_model_len})"
-            )
-
-
-def check_score_requests(
-    requests: Sequence[ScoreRequest], *, max_k: int, vocab_size: int, max_tokens: int
-) -> None:
-    """Raise ValueError for a scoring request outside 1 <= logprob_start < total <= max_tokens."""
-    for request in requests:
-        _check_k(request.k, max_k, vocab_size)
-        total = len(request.prompt_ids) + len(request.completion_ids)
-        start = score_start(request)
-        if total > max_tokens:
-            raise ValueError(
-                f"prompt + completion of {total} tokens: scoring takes at most {max_tokens} "
-                f"(max_model_len)"
-            )
-        if not 1 <= start < total:
-            raise ValueError(f"logprob_start {start} must lie in 1..{total - 1}")
-
-
-def score_start(request: ScoreRequest) -> int:
-    """The first scored position: `logprob_start`, by default the first completion token."""
-    return len(request.prompt_ids) if request.logprob_start is None else request.logprob_start
-
-
-def _check_k(k: int, max_k: int, vocab_size: int) -> None:
-    if not 0 <= k <= min(max_k, vocab_size):
-        raise ValueError(f"k={k} outside 0..{min(max_k, vocab_size)}")
-
-
-def stop_token_ids(tokenizer, generation_config) -> frozenset[int]:
-    """The tokenizer's eos plus the generation config's eos ids: what vLLM stops on too."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    extra = getattr(generation_config, "eos_token_id", None)
-    if extra is not None:
-        ids.update(int(i) for i in ([extra] if isinstance(extra, int) else extra))
-    return frozenset(ids)
 
 
 @dataclass
@@ -226,25 +127,21 @@ class TransformersBackend:
         self.max_k = max_k
         self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
         self.max_batch_tokens = max_batch_tokens
+        self.limits = Limits(self.max_k, self.vocab_size, self.max_model_len, min_k=0)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self._lock = threading.Lock()
 
-    async def generate(self, requests: list[GenerateRequest]) -> list[TeacherOutput]:
-        check_generate_requests(
-            requests,
-            max_k=self.max_k,
-            vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len,
-        )
-        return await asyncio.to_thread(self._run, requests, self._generate_batch, _generate_len)
+    async def generate(self, queries: list[Query]) -> list[TeacherOutput]:
+        for query in queries:
+            self.limits.check(query)
+        return await asyncio.to_thread(self._run, queries, self._generate_batch, _generate_len)
 
-    async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]:
-        check_score_requests(
-            requests, max_k=self.max_k, vocab_size=self.vocab_size, max_tokens=self.max_model_len
-        )
-        return await asyncio.to_thread(self._run, requests, self._score_batch, _score_len)
+    async def score(self, queries: list[Query]) -> list[TeacherOutput]:
+        for query in queries:
+            self.limits.check(query)
+        return await asyncio.to_thread(self._run, queries, self._score_batch, _score_len)
 
     async def close(self) -> None:
         """Drop the weights (after any running forward) so their memory is free."""
@@ -267,10 +164,10 @@ class TransformersBackend:
                     outputs[index] = output
         return outputs
 
-    def _score_batch(self, batch: list[ScoreRequest]) -> list[TeacherOutput]:
+    def _score_batch(self, batch: list[Query]) -> list[TeacherOutput]:
         """Teacher forcing of a right-padded batch; logits only from the first scored position."""
         sequences = [list(r.prompt_ids) + list(r.completion_ids) for r in batch]
-        starts = [score_start(r) for r in batch]
+        starts = [r.start for r in batch]
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -308,7 +205,7 @@ class TransformersBackend:
             )
         return outputs
 
-    def _generate_batch(self, batch: list[GenerateRequest]) -> list[TeacherOutput]:
+    def _generate_batch(self, batch: list[Query]) -> list[TeacherOutput]:
         """Autoregressive decoding of a left-padded batch with a KV cache.
 
         Finished requests leave the batch (their cache rows are dropped), so a long
@@ -439,11 +336,11 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
     return generator
 
 
-def _generate_len(request: GenerateRequest) -> int:
+def _generate_len(request: Query) -> int:
     return len(request.prompt_ids) + request.sampling.max_tokens
 
 
-def _score_len(request: ScoreRequest) -> int:
+def _score_len(request: Query) -> int:
     return len(request.prompt_ids) + len(request.completion_ids)
 
 

@@ -40,13 +40,9 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from distillcache.services.teacher.backend import GenerateRequest, ScoreRequest, TeacherOutput
-from distillcache.services.teacher.backend_transformers import (
-    check_generate_requests,
-    check_score_requests,
-    model_revision,
-    score_start,
-)
+from .backend import Query, TeacherOutput
+from .identity import model_revision
+from .limits import Limits
 
 
 class TokenizerVocabLogits:
@@ -121,27 +117,19 @@ class VllmBackend:
         self.logit_width = int(self.engine.model_config.get_vocab_size())
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self._sliced = self.logit_width == self.vocab_size
+        self.limits = Limits(self.max_k, self.vocab_size, self.max_model_len, min_k=0)
 
-    async def generate(self, requests: list[GenerateRequest]) -> list[TeacherOutput]:
-        check_generate_requests(
-            requests,
-            max_k=self.max_k,
-            vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len,
-        )
+    async def generate(self, queries: list[Query]) -> list[TeacherOutput]:
+        for query in queries:
+            self.limits.check(query)
         await self._slice_logits()
-        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+        return list(await asyncio.gather(*(self._generate_one(q) for q in queries)))
 
-    async def score(self, requests: list[ScoreRequest]) -> list[TeacherOutput]:
-        # vLLM decodes one token after the scored text, so it needs one position more.
-        check_score_requests(
-            requests,
-            max_k=self.max_k,
-            vocab_size=self.vocab_size,
-            max_tokens=self.max_model_len - 1,
-        )
+    async def score(self, queries: list[Query]) -> list[TeacherOutput]:
+        for query in queries:
+            self.limits.check(query)
         await self._slice_logits()
-        return list(await asyncio.gather(*(self._score_one(r) for r in requests)))
+        return list(await asyncio.gather(*(self._score_one(q) for q in queries)))
 
     async def close(self) -> None:
         """Stop the engine's processes now and drop the engine.
@@ -175,7 +163,7 @@ class VllmBackend:
             final = output
         return final
 
-    async def _generate_one(self, request: GenerateRequest) -> TeacherOutput:
+    async def _generate_one(self, request: Query) -> TeacherOutput:
         sampling = request.sampling
         params = SamplingParams(
             max_tokens=min(sampling.max_tokens, self.max_model_len - len(request.prompt_ids)),
@@ -204,9 +192,9 @@ class VllmBackend:
             finish_reason=str(completion.finish_reason),
         )
 
-    async def _score_one(self, request: ScoreRequest) -> TeacherOutput:
+    async def _score_one(self, request: Query) -> TeacherOutput:
         sequence = list(request.prompt_ids) + list(request.completion_ids)
-        start = score_start(request)
+        start = request.start
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,

@@ -19,13 +19,9 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
-from .backend import GenerateRequest, ScoreRequest, TeacherBackend, TeacherOutput
+from .backend import Mode, Query, TeacherBackend, TeacherOutput
 from .metrics import ServiceMetrics
-
-Kind = Literal["generate", "score"]
-TeacherRequest = GenerateRequest | ScoreRequest
 
 
 class QueueFull(Exception):
@@ -40,12 +36,12 @@ class QueueFull(Exception):
 class _Entry:
     """One HTTP request's sequences; compared by identity (the queue removes this one)."""
 
-    kind: Kind
-    requests: list[TeacherRequest]
+    kind: Mode
+    requests: list[Query]
     future: asyncio.Future[list[TeacherOutput]]
 
 
-class Engine:
+class Batcher:
     def __init__(
         self,
         backend: TeacherBackend,
@@ -75,7 +71,7 @@ class Engine:
         return len(self._queue)
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._work(), name="distill-engine")
+        self._worker = asyncio.create_task(self._work(), name="distill-batcher")
 
     async def stop(self) -> None:
         tasks = [t for t in (self._worker, *self._batches) if t is not None]
@@ -93,7 +89,7 @@ class Engine:
         calls = (self.depth + self.max_batch_size) / self.max_batch_size / self.max_inflight
         return max(1, math.ceil(calls * self._call_seconds))
 
-    async def submit(self, kind: Kind, requests: list[TeacherRequest]) -> list[TeacherOutput]:
+    async def submit(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput]:
         """Queue one HTTP request's sequences; raises QueueFull when the queue is full."""
         if len(self._queue) >= self.queue_size:
             raise QueueFull(self.retry_after())
@@ -109,7 +105,7 @@ class Engine:
                 self._queue.remove(entry)
                 self.metrics.queue_depth.set(len(self._queue))
 
-    async def run(self, kind: Kind, requests: list[TeacherRequest]) -> list[TeacherOutput]:
+    async def run(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput]:
         """Run a batch job's sequences without queueing, in turn with the HTTP worker."""
         async with self._slots:
             return await self._call(kind, requests)
@@ -176,7 +172,7 @@ class Engine:
             if not entry.future.done():
                 entry.future.set_result(part)
 
-    async def _call(self, kind: Kind, requests: list[TeacherRequest]) -> list[TeacherOutput]:
+    async def _call(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput]:
         outputs: list[TeacherOutput] = []
         for start in range(0, len(requests), self.max_batch_size):
             chunk = requests[start : start + self.max_batch_size]

@@ -9,14 +9,13 @@ corrupt or older-version index file is rebuilt from the manifests, so deleting i
 always safe.
 
 A hit reads one row group of one shard and decodes one row through
-``shared.reader.decode_table``. The last few row groups read are kept as Arrow tables,
+``shared.reader.table_records``. The last few row groups read are kept as Arrow tables,
 because lookups come in runs (a batch job's rows, a re-run of the same job) that land
 in the same row group.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -29,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillcache.shared.manifest import MANIFEST, DatasetError, read_manifest
-from distillcache.shared.reader import RowGroupRef, ShardDataset, decode_table
+from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import DatasetInfo
+from distillcache.shared.schema import KEY, DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,6 @@ class Location:
     shard: str
     row_group: int
     row: int
-
-
-@dataclass(frozen=True)
-class StoredRow:
-    """A cached answer and the dataset it was found in."""
-
-    dataset: str
-    record: SequenceRecord
 
 
 def dataset_names(data_root: Path) -> list[str]:
@@ -252,26 +243,26 @@ class CacheIndex:
                     found.setdefault(key, Location(dataset, file, group, row))
         return found
 
-    def fetch(self, keys: Iterable[str]) -> dict[str, StoredRow]:
-        """The stored rows of those ``keys`` that are in the index.
+    def fetch(self, keys: Iterable[str]) -> dict[str, tuple[str, SequenceRecord]]:
+        """(dataset, stored row) for those of ``keys`` that are in the index.
 
         A location that no longer matches its shard (the dataset changed under the index)
         is left out, and that dataset is re-indexed at the next refresh.
         """
-        out: dict[str, StoredRow] = {}
+        out: dict[str, tuple[str, SequenceRecord]] = {}
         with self._lock:
             for key, loc in self.locate(keys).items():
                 try:
                     info, table = self._row_group(loc)
-                    if table.column("key")[loc.row].as_py() != key:
+                    if table.column(KEY)[loc.row].as_py() != key:
                         raise DatasetError(f"{loc.shard} row {loc.row} is not {key[:16]}")
-                    record = record_from_table(table, loc.row, info)
+                    [record] = table_records(table.slice(loc.row, 1), info)
                 except (DatasetError, IndexError, OSError, ValueError, pa.ArrowException) as e:
                     log.warning("cache index is stale for %s (%s); re-indexing", loc.dataset, e)
                     self._db.execute("DELETE FROM datasets WHERE name=?", (loc.dataset,))
                     self._drop_cached(loc.dataset)
                     continue
-                out[key] = StoredRow(loc.dataset, record)
+                out[key] = (loc.dataset, record)
         return out
 
     def _row_group(self, loc: Location) -> tuple[DatasetInfo, pa.Table]:
@@ -300,28 +291,6 @@ class CacheIndex:
         return reader
 
 
-def record_from_table(table: pa.Table, row: int, info: DatasetInfo) -> SequenceRecord:
-    """Row ``row`` of a shard table as a SequenceRecord with decoded float log-probs."""
-    one = table.slice(row, 1)
-    batch = decode_table(one, info)
-    pos = batch.row_positions(0)
-    request, meta = one.column("request")[0].as_py(), one.column("meta")[0].as_py()
-    return SequenceRecord(
-        key=batch.keys[0],
-        prompt_ids=batch.row_prompt(0).copy(),
-        completion_ids=batch.row_completion(0).copy(),
-        topk_ids=batch.topk_ids[pos].copy(),
-        topk_logprobs=batch.topk_logprobs[pos].copy(),
-        token_logprob=batch.token_logprob[pos].copy(),
-        tail_logprob=batch.tail_logprob[pos].copy(),
-        completion_text=one.column("completion_text")[0].as_py(),
-        logprob_start=int(batch.logprob_start[0]),
-        finish_reason=one.column("finish_reason")[0].as_py(),
-        request=json.loads(request) if request else {},
-        meta=json.loads(meta) if meta else {},
-    )
-
-
 def _manifest_stamp(root: Path) -> str | None:
     try:
         st = (root / MANIFEST).stat()
@@ -334,7 +303,7 @@ def _shard_keys(dataset: str, path: Path) -> list[tuple[str, str, str, int, int]
     pf = pq.ParquetFile(path)
     rows = []
     for group in range(pf.metadata.num_row_groups):
-        keys = pf.read_row_group(group, columns=["key"]).column("key").to_pylist()
+        keys = pf.read_row_group(group, columns=[KEY]).column(KEY).to_pylist()
         rows += [(dataset, key, path.name, group, i) for i, key in enumerate(keys)]
     return rows
 

@@ -1,47 +1,22 @@
-"""Batch jobs: run the teacher over every row of an input file into one dataset.
-
-A job reads its file with ``shared.inputs`` (a malformed row becomes an error with its
-line number, and the job goes on), renders each row with the teacher's tokenizer, keys
-it, and takes one step per ``chunk_rows`` rows: rows whose key the output dataset already
-holds are skipped, the rest go through ``TeacherService.answer`` (answered from the
-cache where any dataset holds them, else by the teacher) into the output dataset.
-
-Resume needs no bookkeeping of positions: the keys are the bookkeeping. A job restarted
-after a crash, a SIGKILL or a cancel reads the file again and skips every row whose key
-was published, so each input row ends up in the dataset exactly once, and the teacher
-reruns only what was pending when the process died. Two rows with the same content have
-the same key and are stored once (the second counts as present).
+"""Batch jobs as records: what a job computes (``JobSpec``), how far it got, and the
+SQLite table that keeps them.
 
 Job state (spec, state, progress, errors) lives in ``<data_root>/.distill/jobs.sqlite``,
-so a restarted server resumes the jobs it was running. The ``distill cache`` command runs
-the same ``run_job`` in-process (origin "cli"); a server resumes only its own jobs.
+so a restarted server resumes the jobs it was running. How a job runs is job_runner.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
-from itertools import islice
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from distillcache.shared.inputs import (
-    InputError,
-    InputRow,
-    iter_input_rows,
-    render_completion,
-    render_prompt,
-)
-from distillcache.shared.schema import SamplingInfo
-
-from .backend import Sampling
-from .service import Query, QueryError, TeacherService
+from distillcache.shared.schema import Sampling
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 Origin = Literal["service", "cli"]
@@ -50,21 +25,13 @@ UNFINISHED: tuple[JobState, ...] = ("queued", "running")
 ERRORS_SHOWN = 100
 
 
-class JobSpec(BaseModel):
-    """What a job computes; a job with the same spec computes the same rows."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class JobSpec(Sampling):
+    """What a job computes: its input file, output dataset, k and the sampling of the rows
+    it generates. A job with the same spec computes the same rows."""
 
     input: str
     output: str
     k: int
-    max_tokens: int = Sampling.max_tokens
-    temperature: float = Sampling.temperature
-    top_p: float = Sampling.top_p
-    seed: int | None = Sampling.seed
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed)
 
 
 class JobProgress(BaseModel):
@@ -210,172 +177,3 @@ def _job(row: tuple, errors: list[JobRowError]) -> Job:
         updated=updated,
         errors=errors,
     )
-
-
-async def run_job(
-    service: TeacherService,
-    jobs: JobStore,
-    job_id: str,
-    *,
-    chunk_rows: int,
-    cancel: asyncio.Event | None = None,
-    on_progress: Callable[[Job], None] | None = None,
-) -> Job:
-    """Run (or resume) job ``job_id`` to its end; returns its final state.
-
-    Ends "done", "cancelled" (``cancel`` was set; what was computed is published) or
-    "failed" (an error that is not one row's, such as an unreadable file or an output
-    dataset made by another teacher). A task cancelled from outside (server shutdown)
-    leaves the job "running", so the next server resumes it.
-    """
-    job = jobs.get(job_id)
-    if job is None:
-        raise KeyError(job_id)
-    spec, store = job.spec, service.store
-    jobs.set_state(job_id, "running")
-    progress = JobProgress()
-    try:
-        sampling = SamplingInfo(**spec.sampling().as_dict())
-        await asyncio.to_thread(store.open_dataset, spec.output, spec.k, sampling)
-        progress.rows_total = await asyncio.to_thread(_count_rows, spec.input)
-        jobs.save_progress(job_id, progress, [])
-        rows = iter_input_rows(spec.input)
-        while cancel is None or not cancel.is_set():
-            chunk = await asyncio.to_thread(lambda: list(islice(rows, chunk_rows)))
-            if not chunk:
-                break
-            errors = await _run_step(service, spec, chunk, progress)
-            await asyncio.to_thread(store.flush_due)
-            jobs.save_progress(job_id, progress, errors)
-            if on_progress is not None:
-                on_progress(jobs.get(job_id))
-        await asyncio.to_thread(store.flush, spec.output)
-    except Exception as e:
-        await asyncio.to_thread(_flush_quietly, service, spec.output)
-        jobs.save_progress(job_id, progress, [])
-        jobs.set_state(job_id, "failed", f"{type(e).__name__}: {e}")
-        return jobs.get(job_id)
-    cancelled = cancel is not None and cancel.is_set()
-    jobs.set_state(job_id, "cancelled" if cancelled else "done")
-    return jobs.get(job_id)
-
-
-async def _run_step(
-    service: TeacherService,
-    spec: JobSpec,
-    chunk: list[InputRow | InputError],
-    progress: JobProgress,
-) -> list[JobRowError]:
-    """One chunk of rows: render, skip what the output holds, answer the rest, count."""
-    queries, rows, errors = await asyncio.to_thread(_prepare, service, spec, chunk)
-    keys = [service.key(q) for q in queries]
-    present = await asyncio.to_thread(service.store.contains, spec.output, keys)
-    todo: dict[str, int] = {}
-    for i, key in enumerate(keys):
-        if key not in present and key not in todo:
-            todo[key] = i
-    picked = list(todo.values())
-    answers = []
-    if picked:
-        answers = await service.answer(
-            [queries[i] for i in picked],
-            dataset=spec.output,
-            metas=[rows[i].meta for i in picked],
-            queue=False,
-        )
-    for answer in answers:
-        tokens = len(answer.record.prompt_ids) + len(answer.record.completion_ids)
-        if answer.cached:
-            progress.rows_cached += 1
-            progress.cached_tokens += tokens
-        else:
-            progress.rows_teacher += 1
-            progress.teacher_tokens += tokens
-    progress.rows_present += len(queries) - len(picked)
-    progress.rows_failed += len(errors)
-    progress.rows_done += len(chunk)
-    return errors
-
-
-def _prepare(
-    service: TeacherService, spec: JobSpec, chunk: list[InputRow | InputError]
-) -> tuple[list[Query], list[InputRow], list[JobRowError]]:
-    """Rows -> checked queries (tokenizing off the event loop); bad rows -> errors."""
-    errors: list[JobRowError] = []
-    queries: list[Query] = []
-    rows: list[InputRow] = []
-    for item in chunk:
-        if isinstance(item, InputError):
-            errors.append(JobRowError(line=item.line, message=item.message))
-            continue
-        try:
-            query = _query(service, spec, item)
-            service.check(query)
-        except (QueryError, ValueError) as e:
-            errors.append(JobRowError(line=item.line, message=str(e)))
-            continue
-        queries.append(query)
-        rows.append(item)
-    return queries, rows, errors
-
-
-def _query(service: TeacherService, spec: JobSpec, row: InputRow) -> Query:
-    tokenizer = service.backend.tokenizer
-    prompt = tuple(render_prompt(tokenizer, row))
-    if row.completion is None:
-        return Query("generate", prompt, spec.k, sampling=spec.sampling())
-    return Query("score", prompt, spec.k, completion_ids=tuple(render_completion(tokenizer, row)))
-
-
-def _count_rows(path: str) -> int:
-    return sum(1 for _ in iter_input_rows(path))
-
-
-def _flush_quietly(service: TeacherService, dataset: str) -> None:
-    """Publish what a failing job computed, unless the dataset itself is what failed."""
-    try:
-        service.store.flush(dataset)
-    except Exception:  # noqa: BLE001 - the job's own error is the one to report
-        pass
-
-
-class JobManager:
-    """The service's running jobs: one task each, cancel events, resume at startup."""
-
-    def __init__(self, service: TeacherService, jobs: JobStore, *, chunk_rows: int) -> None:
-        self.service = service
-        self.jobs = jobs
-        self.chunk_rows = chunk_rows
-        self._running: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
-
-    def start(self, job_id: str) -> None:
-        cancel = asyncio.Event()
-        task = asyncio.create_task(
-            run_job(self.service, self.jobs, job_id, chunk_rows=self.chunk_rows, cancel=cancel),
-            name=f"distill-job-{job_id}",
-        )
-        self._running[job_id] = (task, cancel)
-        task.add_done_callback(lambda _: self._running.pop(job_id, None))
-
-    def resume_unfinished(self) -> list[str]:
-        resumed = [job.id for job in self.jobs.unfinished("service")]
-        for job_id in resumed:
-            self.start(job_id)
-        return resumed
-
-    def running(self, job_id: str) -> bool:
-        return job_id in self._running
-
-    def cancel(self, job_id: str) -> None:
-        """Stop a job after its current step; a job not running is marked cancelled."""
-        if job_id in self._running:
-            self._running[job_id][1].set()
-        else:
-            self.jobs.set_state(job_id, "cancelled")
-
-    async def stop(self) -> None:
-        """Stop every job task, leaving them "running" so the next start resumes them."""
-        tasks = [task for task, _ in self._running.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

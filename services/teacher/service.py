@@ -1,9 +1,9 @@
 """Cache or teacher: the one path every answer takes, for HTTP requests and batch jobs alike.
 
-A ``Query`` is one question to the teacher in token ids. ``TeacherService.answer`` keys
-each query, answers what the store holds from the shards (the teacher does not run),
-coalesces identical queries already running, sends the rest to the engine, and stores
-the new answers. Sharing this path is what makes a batch job's rows and a live
+A ``Query`` (backend.py) is one question to the teacher in token ids.
+``TeacherService.answer`` keys each query, answers what the store holds from the shards
+(the teacher does not run), coalesces identical queries already running, sends the rest
+to the batcher, and stores the new answers. Sharing this path is what makes a batch job's rows and a live
 request's answers interchangeable in the cache.
 """
 
@@ -12,63 +12,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from distillcache.shared.codec import tail_logprob
-from distillcache.shared.keys import Mode, cache_key
+from distillcache.shared.keys import cache_key
 from distillcache.shared.record import SequenceRecord
 
-from .backend import GenerateRequest, Sampling, ScoreRequest, TeacherBackend, TeacherOutput
-from .engine import Engine
+from .backend import Query, TeacherBackend, TeacherOutput
+from .batcher import Batcher
+from .limits import Limits
 from .metrics import ServiceMetrics
-from .store import TeacherStore
-
-
-@dataclass(frozen=True)
-class Query:
-    """One question to the teacher. Scoring reads ``sampling`` as None: it samples nothing."""
-
-    mode: Mode
-    prompt_ids: tuple[int, ...]
-    k: int
-    sampling: Sampling | None = None
-    completion_ids: tuple[int, ...] | None = None
-    logprob_start: int | None = None
-
-    def key_sampling(self) -> dict[str, Any]:
-        """What the cache key covers beyond ids and k: the sampling of a generation; where
-        scoring starts, when it is not the first completion token."""
-        if self.mode == "generate":
-            return (self.sampling or Sampling()).as_dict()
-        if self.logprob_start is None or self.logprob_start == len(self.prompt_ids):
-            return {}
-        return {"logprob_start": self.logprob_start}
-
-    def request_json(self) -> dict[str, Any]:
-        """The shard's ``request`` column: what the key covers, in readable form."""
-        return {"mode": self.mode, "k": self.k, **self.key_sampling()}
-
-    def backend_request(self) -> GenerateRequest | ScoreRequest:
-        if self.mode == "generate":
-            return GenerateRequest(self.prompt_ids, self.k, self.sampling or Sampling())
-        return ScoreRequest(self.prompt_ids, self.completion_ids or (), self.k, self.logprob_start)
-
-
-@dataclass
-class Answer:
-    record: SequenceRecord
-    cached: bool
-    dataset: str | None
-
-
-class QueryError(ValueError):
-    """A query the teacher cannot take; ``field`` names the offending part of it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+from .store import Answer, TeacherStore
 
 
 class TeacherService:
@@ -76,16 +29,17 @@ class TeacherService:
         self,
         backend: TeacherBackend,
         store: TeacherStore,
-        engine: Engine,
+        batcher: Batcher,
         metrics: ServiceMetrics,
         *,
         max_k: int,
     ) -> None:
         self.backend = backend
         self.store = store
-        self.engine = engine
+        self.batcher = batcher
         self.metrics = metrics
         self.max_k = min(max_k, backend.max_k)
+        self.limits = Limits(self.max_k, backend.vocab_size, backend.max_model_len)
         self._flights: dict[str, asyncio.Future[SequenceRecord]] = {}
 
     def key(self, query: Query) -> str:
@@ -100,48 +54,6 @@ class TeacherService:
             sampling=query.key_sampling(),
             completion_ids=query.completion_ids if query.mode == "score" else None,
         )
-
-    def check(self, query: Query) -> None:
-        """Raise QueryError naming the field when the teacher cannot take ``query``."""
-        context, vocab = self.backend.max_model_len, self.backend.vocab_size
-        if not 1 <= query.k <= self.max_k:
-            raise QueryError("k", f"must be between 1 and {self.max_k}, got {query.k}")
-        n_prompt = len(query.prompt_ids)
-        if n_prompt == 0:
-            raise QueryError("prompt", "is empty")
-        for name, ids in (("prompt", query.prompt_ids), ("completion", query.completion_ids)):
-            bad = [t for t in ids or () if not 0 <= t < vocab]
-            if bad:
-                raise QueryError(
-                    name, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
-                )
-        if n_prompt >= context:
-            raise QueryError(
-                "prompt", f"{n_prompt} tokens leave no room in the teacher's context of {context}"
-            )
-        if query.mode == "generate":
-            max_tokens = (query.sampling or Sampling()).max_tokens
-            if n_prompt + max_tokens > context:
-                raise QueryError(
-                    "max_tokens",
-                    f"prompt of {n_prompt} tokens + max_tokens {max_tokens} exceeds the teacher's "
-                    f"context of {context}",
-                )
-            return
-        n_completion = len(query.completion_ids or ())
-        # vLLM decodes one token past a scored text, so the text must leave room for it.
-        if n_prompt + n_completion >= context:
-            raise QueryError(
-                "completion",
-                f"prompt of {n_prompt} + completion of {n_completion} tokens: scoring takes "
-                f"at most {context - 1} in the teacher's context of {context}",
-            )
-        start = n_prompt if query.logprob_start is None else query.logprob_start
-        if not 1 <= start < n_prompt + n_completion:
-            raise QueryError(
-                "logprob_start",
-                f"must be between 1 and {n_prompt + n_completion - 1}, got {start}",
-            )
 
     async def answer(
         self,
@@ -171,8 +83,7 @@ class TeacherService:
         theirs: dict[int, asyncio.Future[SequenceRecord]] = {}
         for i, key in enumerate(keys):
             if key in hits:
-                hit = hits[key]
-                answers[i] = Answer(hit.record, True, hit.dataset)
+                answers[i] = hits[key]
             elif key in self._flights:
                 theirs[i] = self._flights[key]
             else:
@@ -215,14 +126,14 @@ class TeacherService:
         answers: dict[int, Answer],
         queue: bool,
     ) -> None:
-        """Run the queries this call owns through the engine, resolving their flights."""
+        """Run the queries this call owns through the batcher, resolving their flights."""
         try:
             for mode in ("generate", "score"):
                 run = [i for i in mine.values() if queries[i].mode == mode]
                 if not run:
                     continue
-                call = self.engine.submit if queue else self.engine.run
-                outputs = await call(mode, [queries[i].backend_request() for i in run])
+                call = self.batcher.submit if queue else self.batcher.run
+                outputs = await call(mode, [queries[i] for i in run])
                 for i, out in zip(run, outputs, strict=True):
                     record = _record(keys[i], queries[i], out, metas[i])
                     answers[i] = Answer(record, False, None)
@@ -259,7 +170,6 @@ def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) ->
         token_logprob=out.token_logprob,
         completion_text=out.completion_text,
         logprob_start=out.logprob_start,
-        tail_logprob=tail_logprob(out.topk_logprobs),
         finish_reason=out.finish_reason,
         request=query.request_json(),
         meta=meta,

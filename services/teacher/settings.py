@@ -25,15 +25,19 @@ class TeacherSettings(BaseSettings):
     # token", which must not turn auth on with an empty token.
     model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore", env_ignore_empty=True)
 
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="Teacher backend: transformers (exact reference, any device) or vllm "
+        "(production engine).",
+    )
     model: str = Field(description="Hub id or local directory of the teacher model.")
     data_root: Path = Field(
         Path("data"),
         description="Datasets, input files and the service's state live here; request paths "
         "are confined to it.",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     max_k: int = Field(64, ge=1, description="Largest top-k a request may ask for.")
     default_k: int = Field(20, ge=1, description="Top-k of a request that names none.")
     queue_size: int = Field(
@@ -50,9 +54,13 @@ class TeacherSettings(BaseSettings):
         "continuously and gains from a few).",
     )
     auth_token: SecretStr | None = Field(
-        None, description="When set, /v1 endpoints need `Authorization: Bearer <token>`."
+        None,
+        description="When set, /v1 endpoints need `Authorization: Bearer <token>` (prefer "
+        "the environment variable: flags show in ps).",
     )
-    logprob_codec: LogprobCodec = "cbrt-u8"
+    logprob_codec: LogprobCodec = Field(
+        "cbrt-u8", description="How stored log-probs are encoded (docs/shard-format.md)."
+    )
     device: str | None = Field(None, description="transformers: torch device (default cpu).")
     dtype: str | None = Field(
         None, description="Weights' dtype (float32, bfloat16, ...; default: the backend's)."
@@ -74,7 +82,13 @@ class TeacherSettings(BaseSettings):
         1024, ge=1, description="Publish a dataset's pending rows as a shard at this many."
     )
     flush_seconds: float = Field(
-        10.0, gt=0, description="... or once the oldest pending row is this old."
+        10.0, gt=0, description="Publish them once the oldest pending row is this many seconds old."
+    )
+    row_group_tokens: int = Field(
+        65_536,
+        ge=1,
+        description="Scored positions per Parquet row group: the unit the trainer streams "
+        "and splits between ranks.",
     )
     job_chunk_rows: int = Field(
         64, ge=1, description="Input rows a batch job renders, looks up and runs per step."

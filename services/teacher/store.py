@@ -29,27 +29,35 @@ exactly those.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillcache.shared.keys import tokenizer_hash
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import DatasetInfo, LogprobCodec, SamplingInfo
+from distillcache.shared.schema import LogprobCodec, Sampling
 from distillcache.shared.writer import ShardWriter
 
-from .backend import TeacherBackend
-from .index import CacheIndex, StoredRow
+from .identity import TeacherIdentity
+from .index import CacheIndex
 
 STATE_DIR = ".distill"
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # How often a lookup that missed may re-read the manifests for shards other processes
 # (teacher replicas, a `distill cache` run) published meanwhile.
 _REFRESH_INTERVAL_S = 1.0
+
+
+@dataclass
+class Answer:
+    """A teacher's answer to one query: the shard row, whether it came from the store
+    (the teacher did not run), and the dataset holding it (None: not stored)."""
+
+    record: SequenceRecord
+    cached: bool
+    dataset: str | None
 
 
 def check_dataset_name(name: str) -> str:
@@ -60,56 +68,6 @@ def check_dataset_name(name: str) -> str:
             " or '-' (at most 128), starting with a letter or digit"
         )
     return name
-
-
-@dataclass(frozen=True)
-class TeacherIdentity:
-    """What the cache keys and dataset metadata say about the teacher."""
-
-    model_id: str
-    revision: str
-    tokenizer: str
-    tokenizer_hash: str
-    vocab_size: int
-    logit_width: int
-    backend: str
-    backend_version: str
-
-    @classmethod
-    def of(cls, backend: TeacherBackend) -> TeacherIdentity:
-        tok = backend.tokenizer
-        return cls(
-            model_id=backend.model_id,
-            revision=backend.revision,
-            tokenizer=str(getattr(tok, "name_or_path", "") or backend.model_id),
-            tokenizer_hash=tokenizer_hash(tok),
-            vocab_size=backend.vocab_size,
-            logit_width=backend.logit_width,
-            backend=backend.name,
-            backend_version=backend.version,
-        )
-
-    def dataset_info(self, k: int, codec: LogprobCodec, sampling: SamplingInfo) -> DatasetInfo:
-        return DatasetInfo(
-            teacher_model=self.model_id,
-            teacher_revision=self.revision,
-            tokenizer=self.tokenizer,
-            tokenizer_hash=self.tokenizer_hash,
-            vocab_size=self.vocab_size,
-            logit_width=self.logit_width,
-            k=k,
-            logprob_codec=codec,
-            sampling=sampling,
-            backend=self.backend,
-            backend_version=self.backend_version,
-        )
-
-    def live_dataset(self, k: int) -> str:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model_id).name).strip("-.")[:40]
-        digest = hashlib.sha256(
-            f"{self.model_id}\0{self.revision}\0{self.tokenizer_hash}".encode()
-        ).hexdigest()[:8]
-        return f"live-{base or 'teacher'}-{digest}-k{k}"
 
 
 @dataclass
@@ -134,24 +92,30 @@ class TeacherStore:
         codec: LogprobCodec,
         flush_rows: int,
         flush_seconds: float,
+        row_group_tokens: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` gives the seconds the flush policy and index refreshes measure; tests
+        pass a clock they advance themselves."""
         self.data_root = Path(data_root).resolve()
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         self.codec: LogprobCodec = codec
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
+        self.row_group_tokens = row_group_tokens
         self.state_dir = self.data_root / STATE_DIR
         self.index = CacheIndex(self.data_root, self.state_dir / "index.sqlite")
         self.index.refresh()
         self._open: dict[str, _OpenDataset] = {}
         self._lock = threading.Lock()
-        self._refreshed = time.monotonic()
+        self._clock = clock
+        self._refreshed = clock()
 
     def dataset_path(self, name: str) -> Path:
         return self.data_root / check_dataset_name(name)
 
-    def open_dataset(self, name: str, k: int, sampling: SamplingInfo) -> None:
+    def open_dataset(self, name: str, k: int, sampling: Sampling | None) -> None:
         """Get ``name`` ready for writing (created when new).
 
         Raises DatasetError when the directory holds a dataset made by another teacher,
@@ -165,11 +129,14 @@ class TeacherStore:
                     )
                 return
             info = self.identity.dataset_info(k, self.codec, sampling)
-            self._open[name] = _OpenDataset(ShardWriter(self.dataset_path(name), info))
+            writer = ShardWriter(
+                self.dataset_path(name), info, row_group_tokens=self.row_group_tokens
+            )
+            self._open[name] = _OpenDataset(writer)
 
     def open_live_dataset(self, k: int) -> str:
         name = self.identity.live_dataset(k)
-        self.open_dataset(name, k, SamplingInfo(per_request=True))
+        self.open_dataset(name, k, None)
         return name
 
     def put(self, name: str, records: Iterable[SequenceRecord]) -> int:
@@ -187,7 +154,7 @@ class TeacherStore:
                 ds.pending[record.key] = record
                 added += 1
             if added and ds.oldest is None:
-                ds.oldest = time.monotonic()
+                ds.oldest = self._clock()
             if len(ds.pending) >= self.flush_rows:
                 self._publish(name, ds)
         return added
@@ -202,25 +169,31 @@ class TeacherStore:
                 pending = {k for k in keys if k in ds.pending}
         return pending | self.index.contains(name, [k for k in keys if k not in pending])
 
-    def lookup(self, keys: Iterable[str]) -> dict[str, StoredRow]:
+    def lookup(self, keys: Iterable[str]) -> dict[str, Answer]:
         """Stored answers for those of ``keys`` that any dataset holds."""
         keys = list(dict.fromkeys(keys))
-        found: dict[str, StoredRow] = {}
+        found: dict[str, Answer] = {}
         with self._lock:
             open_now = list(self._open.items())
         for name, ds in open_now:
             with ds.lock:
                 for key in keys:
                     if key not in found and key in ds.pending:
-                        found[key] = StoredRow(name, ds.pending[key])
+                        found[key] = Answer(ds.pending[key], True, name)
         missing = [k for k in keys if k not in found]
-        found.update(self.index.fetch(missing))
+        found.update(self._fetch(missing))
         missing = [k for k in missing if k not in found]
-        if missing and time.monotonic() - self._refreshed >= _REFRESH_INTERVAL_S:
-            self._refreshed = time.monotonic()
+        if missing and self._clock() - self._refreshed >= _REFRESH_INTERVAL_S:
+            self._refreshed = self._clock()
             self.index.refresh()
-            found.update(self.index.fetch(missing))
+            found.update(self._fetch(missing))
         return found
+
+    def _fetch(self, keys: list[str]) -> dict[str, Answer]:
+        return {
+            key: Answer(record, True, dataset)
+            for key, (dataset, record) in self.index.fetch(keys).items()
+        }
 
     def pending_rows(self, name: str) -> int:
         ds = self._open.get(name)
@@ -236,7 +209,7 @@ class TeacherStore:
 
     def flush_due(self) -> None:
         """Publish every dataset whose oldest pending row is ``flush_seconds`` old."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             targets = list(self._open.items())
         for n, ds in targets:
