@@ -185,12 +185,23 @@ def user_turn(text: str) -> list[dict[str, str]]:
 
 
 def check_text(value: Any, field: str) -> str:
-    """A prompt or completion text: a string that is not blank."""
+    """A prompt or completion text: a string that is not blank and is valid Unicode."""
     if not isinstance(value, str):
         raise InputProblem(f'field "{field}" must be a string, got {_json_type(value)}')
     if not value.strip():
         raise InputProblem(f'field "{field}" must not be empty')
+    _check_unicode(value, field)
     return value
+
+
+def _check_unicode(value: str, field: str) -> None:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputProblem(
+            f'field "{field}" holds an invalid character at {e.start} (a lone surrogate)'
+        ) from None
 
 
 def _optional_text(record: dict[str, Any], field: str) -> str | None:
@@ -231,6 +242,7 @@ def check_messages(value: Any) -> list[dict[str, str]]:
             raise InputProblem(
                 f'field "{where}.content" must be a string, got {_json_type(content)}'
             )
+        _check_unicode(content, f"{where}.content")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] == "assistant":
         raise InputProblem(

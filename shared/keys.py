@@ -1,11 +1,15 @@
 """Content keys: the same request to the same teacher always gets the same key.
 
 The key is sha256 over a canonical JSON encoding (sorted keys, no whitespace, ids as
-integers) of everything that changes the teacher's answer: the model and its revision,
-the tokenizer's vocabulary hash, the exact prompt token ids after the chat template, the
-mode, the completion ids when scoring, k, and the sampling parameters. Fields that do not
-change the answer (a request id, whether to store it) are deliberately left out, so that
-the teacher never runs twice for one answer.
+integers) of everything that changes the teacher's answer: the teacher's identity (its
+weights, by content), the numerics it ran with (backend and dtype: the same weights in
+bf16 or through another kernel give other log-probs), the tokenizer's vocabulary hash,
+the exact prompt token ids after the chat template, the mode, the completion ids when
+scoring, k, and the sampling parameters (normalised by the caller: a greedy request has
+no seed). Fields that do not change the answer (a request id, whether to store it, the
+path a model was loaded from) are deliberately left out, so that the teacher never runs
+twice for one answer. The log-prob codec is not in the key either: rows of any codec
+answer a request whose codec is no more exact than theirs (the store checks that).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from typing import Any, Literal
 
 Mode = Literal["generate", "score"]
 
-KEY_VERSION = 1
+# 2: the teacher by content and its numerics (backend, dtype) instead of model + revision.
+KEY_VERSION = 2
 
 
 def cache_key(
     *,
-    teacher_model: str,
-    teacher_revision: str,
+    teacher: str,
+    numerics: str,
     tokenizer_hash: str,
     prompt_ids: Sequence[int],
     mode: Mode,
@@ -40,8 +45,8 @@ def cache_key(
         raise ValueError(f"mode must be 'generate' or 'score', got {mode!r}")
     payload = {
         "v": KEY_VERSION,
-        "model": teacher_model,
-        "revision": teacher_revision,
+        "teacher": teacher,
+        "numerics": numerics,
         "tokenizer": tokenizer_hash,
         "prompt": [int(t) for t in prompt_ids],
         "mode": mode,

@@ -52,6 +52,15 @@ COLUMNS = (
 )
 
 LogprobCodec = Literal["cbrt-u8", "float16", "float32"]
+# How exact each codec's stored log-probs are, least to most: a row may answer a request
+# whose codec is no more exact than its own (it is then re-encoded, and stays true).
+CODEC_EXACTNESS: dict[str, int] = {"cbrt-u8": 0, "float16": 1, "float32": 2}
+
+
+def as_exact_codecs(codec: LogprobCodec) -> tuple[str, ...]:
+    """The codecs whose rows are at least as exact as ``codec``'s."""
+    return tuple(c for c, rank in CODEC_EXACTNESS.items() if rank >= CODEC_EXACTNESS[codec])
+
 
 # Parquet key-value metadata key holding the JSON of DatasetInfo.
 PARQUET_METADATA_KEY = b"distillcache"
@@ -107,6 +116,8 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
 # Below this a nonzero temperature divides logits into overflow; 0 means greedy.
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
+# Sampling kernels run in float32: a smaller top_p rounds to 0 there and is refused.
+MIN_TOP_P = 1e-6
 # Seeds reach torch and vLLM as signed 64-bit integers.
 MAX_SEED = 2**63 - 1
 
@@ -132,7 +143,11 @@ class Sampling(BaseModel):
         f"{MAX_TEMPERATURE:g}.",
     )
     top_p: float = Field(
-        1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass."
+        1.0,
+        ge=MIN_TOP_P,
+        le=1.0,
+        allow_inf_nan=False,
+        description=f"Nucleus sampling mass, {MIN_TOP_P:g} to 1.",
     )
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Sampling seed (none: a fresh draw per request)."
@@ -188,6 +203,9 @@ class DatasetInfo(BaseModel):
     )
     backend: str
     backend_version: str
+    dtype: str = Field(
+        "unknown", description="The dtype the teacher's weights ran in (float32, bfloat16...)."
+    )
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -203,20 +221,24 @@ class DatasetInfo(BaseModel):
         return value
 
     def compatibility(self) -> dict[str, Any]:
-        """The fields two writers of the same dataset must agree on."""
-        return self.model_dump(
-            include={
-                "schema_version",
-                "teacher_model",
-                "teacher_revision",
-                "tokenizer_hash",
-                "vocab_size",
-                "logit_width",
-                "k",
-                "logprob_codec",
-                "logprobs_mode",
-            }
-        )
+        """The fields two writers of the same dataset must agree on: the same weights (by
+        revision; the model id is only a label unless there is no revision), numerics
+        (backend, dtype), tokenizer, k and codec, so every row's metadata stays true."""
+        fields = {
+            "schema_version",
+            "teacher_revision",
+            "tokenizer_hash",
+            "vocab_size",
+            "logit_width",
+            "k",
+            "logprob_codec",
+            "logprobs_mode",
+            "backend",
+            "dtype",
+        }
+        if self.teacher_revision == "unknown":
+            fields.add("teacher_model")
+        return self.model_dump(include=fields)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

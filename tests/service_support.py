@@ -24,6 +24,7 @@ import uvicorn
 from distillcache.services.teacher.app import create_app
 from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.services.teacher.runtime import open_backend
+from distillcache.services.teacher.server import server_config
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.tiny_models import build_tiny_model
 
@@ -52,9 +53,7 @@ def thread_server(
     answers (ready, unless ``load_backend`` replaces the settings' backend loading)."""
     settings = settings.model_copy(update={"port": free_port(), "host": "127.0.0.1"})
     app = create_app(settings, load_backend or (lambda: open_backend(settings)))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
-    )
+    server = uvicorn.Server(server_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://{settings.host}:{settings.port}"

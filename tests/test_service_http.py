@@ -83,9 +83,7 @@ def test_score_by_teacher_forcing_reproduces_the_generation_logprobs(client, cha
 
 
 def test_stored_answers_land_in_a_live_dataset_of_their_k(client, server):
-    body = client.post(
-        "/v1/generate", json={"prompt": "Store me", "max_tokens": 3, "k": 3, "store": True}
-    ).json()
+    body = client.post("/v1/generate", json={"prompt": "Store me", "max_tokens": 3, "k": 3}).json()
     ds = ShardDataset(server.data / body["dataset"])
     assert ds.info.k == 3
     rows = {row.key: row for row in ds.iter_records()}
@@ -93,11 +91,22 @@ def test_stored_answers_land_in_a_live_dataset_of_their_k(client, server):
     assert rows[body["key"]].request["mode"] == "generate"
 
 
-def test_store_false_answers_without_storing(client):
-    request = {"prompt": "Do not keep this", "max_tokens": 3, "store": False}
-    first = client.post("/v1/generate", json=request).json()
-    second = client.post("/v1/generate", json=request).json()
-    assert first["dataset"] is None and second["cached"] is False
+def test_cache_modes_read_and_bypass_store_nothing_and_bypass_always_runs_the_teacher(client):
+    read = {"prompt": "Do not keep this", "max_tokens": 3, "cache": "read"}
+    first = client.post("/v1/generate", json=read).json()
+    second = client.post("/v1/generate", json=read).json()
+    assert first["dataset"] is None and first["cached"] is False
+    assert second["cached"] is False, "a read-only request stored its answer"
+
+    stored = client.post("/v1/generate", json={**read, "cache": "read-write"}).json()
+    assert stored["dataset"] is not None and stored["cached"] is False
+    assert client.post("/v1/generate", json=read).json()["cached"] is True
+
+    teacher_runs = metric(client, "distill_teacher_sequences_total")
+    bypass = client.post("/v1/generate", json={**read, "cache": "bypass"}).json()
+    assert bypass["cached"] is False and bypass["dataset"] is None
+    assert metric(client, "distill_teacher_sequences_total") == teacher_runs + 1
+    assert bypass["completion_ids"] == stored["completion_ids"]  # greedy: the same answer
 
 
 def test_unknown_field_gets_422_naming_the_field(client):

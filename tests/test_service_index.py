@@ -13,10 +13,11 @@ from distillcache.services.teacher.index import CacheIndex
 from distillcache.services.teacher.store import TeacherStore, check_dataset_name
 from distillcache.shared.manifest import MANIFEST
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import Sampling
+from distillcache.shared.schema import CODEC_EXACTNESS, Sampling
 from distillcache.shared.writer import ShardWriter
 
 K = 4
+ANY_CODEC = tuple(CODEC_EXACTNESS)
 IDENTITY = TeacherIdentity(
     model_id="tiny/teacher",
     revision="r1",
@@ -26,6 +27,7 @@ IDENTITY = TeacherIdentity(
     logit_width=128,
     backend="transformers",
     backend_version="test",
+    dtype="float32",
 )
 
 
@@ -80,7 +82,7 @@ def data_root(tmp_path: Path) -> Path:
 def test_a_lookup_returns_the_stored_row_decoded(data_root):
     index = CacheIndex(data_root, data_root / ".distill" / "index.sqlite")
     index.refresh()
-    found = index.fetch([record(i).key for i in (0, 5, 9)] + ["f" * 64])
+    found = index.fetch([record(i).key for i in (0, 5, 9)] + ["f" * 64], ANY_CODEC)
     assert sorted(found) == sorted(record(i).key for i in (0, 5, 9))
     for i in (0, 5, 9):
         dataset, stored = found[record(i).key]
@@ -100,7 +102,7 @@ def test_a_deleted_or_corrupt_index_is_rebuilt_from_the_manifests(data_root):
             db.write_bytes(b"this is not a database" * 100)
         index = CacheIndex(data_root, db)
         index.refresh()
-        assert len(index.fetch([record(i).key for i in range(10)])) == 10
+        assert len(index.fetch([record(i).key for i in range(10)], ANY_CODEC)) == 10
         index.close()
 
 
@@ -108,9 +110,9 @@ def test_shards_published_by_another_writer_are_indexed_on_refresh(data_root):
     index = CacheIndex(data_root, data_root / ".distill" / "index.sqlite")
     index.refresh()
     write_dataset(data_root / "ds", [record(i) for i in range(10, 13)], per_shard=10)
-    assert index.fetch([record(11).key]) == {}
+    assert index.fetch([record(11).key], ANY_CODEC) == {}
     index.refresh()
-    assert_same(index.fetch([record(11).key])[record(11).key][1], record(11))
+    assert_same(index.fetch([record(11).key], ANY_CODEC)[record(11).key][1], record(11))
 
 
 def test_a_shard_dropped_from_the_manifest_is_forgotten(data_root):
@@ -121,7 +123,7 @@ def test_a_shard_dropped_from_the_manifest_is_forgotten(data_root):
     dropped = manifest["shards"].pop(0)
     manifest_path.write_text(json.dumps(manifest))
     index.refresh()
-    kept = index.fetch([record(i).key for i in range(10)])
+    kept = index.fetch([record(i).key for i in range(10)], ANY_CODEC)
     assert len(kept) == 10 - dropped["rows"]
     assert index.contains("ds", [record(9).key]) == {record(9).key}
 
@@ -139,7 +141,7 @@ def test_pending_rows_are_answered_from_memory_until_published(tmp_path):
     )
     store.open_dataset("live", K, None)
     store.put("live", [record(0), record(1)])
-    assert store.index.fetch([record(0).key]) == {}
+    assert store.index.fetch([record(0).key], ANY_CODEC) == {}
     found = store.lookup([record(0).key, record(1).key])
     assert found[record(0).key].cached and found[record(0).key].dataset == "live"
     assert_same(found[record(0).key].record, record(0))
@@ -147,7 +149,7 @@ def test_pending_rows_are_answered_from_memory_until_published(tmp_path):
 
     store.put("live", [record(2), record(2)])  # the third row reaches flush_rows
     assert store.pending_rows("live") == 0
-    assert len(store.index.fetch([record(i).key for i in range(3)])) == 3
+    assert len(store.index.fetch([record(i).key for i in range(3)], ANY_CODEC)) == 3
 
     store.put("live", [record(3)])
     now[0] += 9.9

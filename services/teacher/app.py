@@ -7,7 +7,8 @@ routes_datasets.py (``/v1/datasets``), routes_probes.py (``/healthz``, ``/readyz
 
 The model loads in the background after startup, so /healthz answers at once and /v1
 answers 503 until /readyz does. With an auth token set, /v1 needs ``Authorization:
-Bearer <token>`` (401 otherwise); probes, metrics and docs stay open for orchestrators.
+Bearer <token>`` (401 otherwise, from the headers alone: gate.py); probes, metrics and
+docs stay open for orchestrators.
 
 Every refusal of input names the field: unknown fields and out-of-range values are 422
 with FastAPI's ``detail`` list plus a ``message`` string; limits that depend on the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -32,8 +32,9 @@ from . import routes_datasets, routes_jobs, routes_probes, routes_teacher
 from .backend import TeacherBackend
 from .batcher import QueueFull
 from .deps import AppState
+from .gate import RequestGate
 from .limits import QueryError
-from .metrics import ServiceMetrics
+from .metrics import RequestCounter, ServiceMetrics
 from .runtime import build_runtime
 from .settings import TeacherSettings
 
@@ -71,15 +72,9 @@ def create_app(settings: TeacherSettings, load_backend: BackendLoader) -> FastAP
     )
     app.state.distill = state
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        began = time.perf_counter()
-        response = await call_next(request)
-        path = getattr(request.scope.get("route"), "path", "unmatched")
-        state.metrics.requests.labels(path, str(response.status_code)).inc()
-        state.metrics.request_seconds.labels(path).observe(time.perf_counter() - began)
-        return response
-
+    # The last added runs first: requests are counted, then gated (401s and 413s count).
+    app.add_middleware(RequestGate, token=settings.token(), max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=state.metrics)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(QueryError, _invalid_query)
     app.add_exception_handler(QueueFull, _queue_full)
@@ -114,9 +109,14 @@ async def _tick(state: AppState) -> None:
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _unprocessable(
-        [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    )
+    errors = []
+    for e in exc.errors():
+        if e["type"] == "json_invalid":
+            # FastAPI puts the character offset where a field name would go.
+            at = e["loc"][-1]
+            e = {**e, "loc": ["body"], "msg": f"invalid JSON at character {at}: {e['msg']}"}
+        errors.append({"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]})
+    return _unprocessable(errors)
 
 
 async def _invalid_query(request: Request, exc: Exception) -> JSONResponse:

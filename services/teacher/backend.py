@@ -64,6 +64,9 @@ class TeacherOutput:
 
     ``topk_ids``/``topk_logprobs`` are [n, k] (any order within a position),
     ``token_logprob`` [n] is the log-prob of the token that actually came next.
+    ``tail_logprob`` [n], the log of the mass outside the top-k, is given by a backend
+    that computed it from more exact values than the float32 top-k (None: computed from
+    those when the record is made).
     """
 
     prompt_ids: list[int]
@@ -74,6 +77,7 @@ class TeacherOutput:
     topk_logprobs: np.ndarray
     token_logprob: np.ndarray
     finish_reason: str
+    tail_logprob: np.ndarray | None = None
 
 
 class TeacherBackend(Protocol):
@@ -88,6 +92,7 @@ class TeacherBackend(Protocol):
     logit_width: int
     max_k: int
     max_model_len: int
+    dtype: str  # the torch dtype the weights run in, e.g. "float32", "bfloat16"
 
     async def generate(self, queries: list[Query]) -> list[TeacherOutput]: ...
 

@@ -1,6 +1,7 @@
 """The reference teacher: plain PyTorch forward passes through a Hugging Face causal LM.
 
-Every log-prob is the exact float32 log-softmax over the tokenizer's whole vocabulary
+Every log-prob is the exact log-softmax (computed in float64, stored as float32) over the
+tokenizer's whole vocabulary
 (the model's logits sliced to ``len(tokenizer)``: Qwen pads the logit width past the
 tokenizer, and the padding columns are not tokens). This is what the vLLM backend is
 checked against, and what runs on machines without vLLM, GPU or CPU.
@@ -33,6 +34,8 @@ from .identity import model_revision
 from .limits import Limits
 
 CPU_GQA_ATTENTION = "distillcache_sdpa_gqa"
+# Positions whose float64 log-softmax is held at once: 1024 x 152k x 8 bytes = 1.2 GB.
+_LOGSOFTMAX_ROWS = 1024
 
 
 def sdpa_with_grouped_kv(
@@ -117,6 +120,7 @@ class TransformersBackend:
         ).to(self.device)
         self.model.eval()
         self.revision = model_revision(model, revision)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.vocab_size = len(self.tokenizer)
         self.logit_width = int(self.model.get_output_embeddings().weight.shape[0])
         if self.logit_width < self.vocab_size:
@@ -189,6 +193,7 @@ class TransformersBackend:
             rows = logits[row, start - 1 - first : len(sequence) - 1 - first, : self.vocab_size]
             targets = torch.tensor(sequence[start:], device=self.device)
             topk_ids, topk_logprobs, token_logprob = _topk_and_token(rows, targets, request.k)
+            topk_logprobs, tail_logprob = _float32_with_tail(topk_logprobs)
             outputs.append(
                 TeacherOutput(
                     prompt_ids=list(request.prompt_ids),
@@ -198,8 +203,9 @@ class TransformersBackend:
                     ),
                     logprob_start=start,
                     topk_ids=topk_ids.cpu().numpy().astype(np.int32),
-                    topk_logprobs=topk_logprobs.cpu().numpy(),
+                    topk_logprobs=topk_logprobs,
                     token_logprob=token_logprob.cpu().numpy(),
+                    tail_logprob=tail_logprob,
                     finish_reason="stop",
                 )
             )
@@ -241,7 +247,7 @@ class TransformersBackend:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1, : self.vocab_size]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = torch.log_softmax(logits.double(), dim=-1)
             tokens = _next_tokens(
                 logprobs, [batch[i].sampling for i in active], [generators[i] for i in active]
             )
@@ -253,7 +259,7 @@ class TransformersBackend:
                 capture = captures[index]
                 capture.topk_ids.append(topk_ids[row, :k])
                 capture.topk_logprobs.append(topk_logprobs[row, :k])
-                capture.token_logprobs.append(token_logprobs[row])
+                capture.token_logprobs.append(token_logprobs[row].float())
                 completions[index].append(token)
                 if token in self.stop_ids:
                     finish[index] = "stop"
@@ -274,30 +280,49 @@ class TransformersBackend:
             position_ids = position_ids[:, -1:] + 1
             step_positions = position_ids
             step_ids = tokens[:, None]
-        return [
-            TeacherOutput(
-                prompt_ids=list(request.prompt_ids),
-                completion_ids=completion,
-                completion_text=self.tokenizer.decode(completion, skip_special_tokens=True),
-                logprob_start=len(request.prompt_ids),
-                topk_ids=torch.stack(capture.topk_ids).cpu().numpy().astype(np.int32),
-                topk_logprobs=torch.stack(capture.topk_logprobs).cpu().numpy(),
-                token_logprob=torch.stack(capture.token_logprobs).cpu().numpy(),
-                finish_reason=reason,
+        outputs = []
+        for request, capture, completion, reason in zip(
+            batch, captures, completions, finish, strict=True
+        ):
+            topk_logprobs, tail_logprob = _float32_with_tail(torch.stack(capture.topk_logprobs))
+            outputs.append(
+                TeacherOutput(
+                    prompt_ids=list(request.prompt_ids),
+                    completion_ids=completion,
+                    completion_text=self.tokenizer.decode(completion, skip_special_tokens=True),
+                    logprob_start=len(request.prompt_ids),
+                    topk_ids=torch.stack(capture.topk_ids).cpu().numpy().astype(np.int32),
+                    topk_logprobs=topk_logprobs,
+                    token_logprob=torch.stack(capture.token_logprobs).cpu().numpy(),
+                    finish_reason=reason,
+                    tail_logprob=tail_logprob,
+                )
             )
-            for request, capture, completion, reason in zip(
-                batch, captures, completions, finish, strict=True
-            )
-        ]
+        return outputs
 
 
 def _topk_and_token(
     logits: torch.Tensor, targets: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k (sorted, descending) and the targets' log-probs from exact float32 log-softmax."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)
-    return topk_ids, topk_logprobs, logprobs.gather(-1, targets[:, None])[:, 0]
+    """Top-k (sorted, descending, float64) and the targets' log-probs (float32) from an
+    exact log-softmax, computed ``_LOGSOFTMAX_ROWS`` positions at a time in float64."""
+    ids, values, tokens = [], [], []
+    for start in range(0, logits.shape[0], _LOGSOFTMAX_ROWS):
+        logprobs = torch.log_softmax(logits[start : start + _LOGSOFTMAX_ROWS].double(), dim=-1)
+        top_values, top_ids = logprobs.topk(k, dim=-1)
+        ids.append(top_ids)
+        values.append(top_values)
+        chunk_targets = targets[start : start + _LOGSOFTMAX_ROWS, None]
+        tokens.append(logprobs.gather(-1, chunk_targets)[:, 0].float())
+    return torch.cat(ids), torch.cat(values), torch.cat(tokens)
+
+
+def _float32_with_tail(topk_logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 top-k log-probs -> (float32 values, float32 tail), the tail
+    ``log(1 - sum(p_topk))`` computed in float64 from the exact values: in float32 both
+    the log-softmax (about 5e-6 nats high) and a tail below 1e-4 lose their digits."""
+    tail = torch.log(-torch.expm1(torch.logsumexp(topk_logprobs, dim=-1)))
+    return topk_logprobs.float().cpu().numpy(), tail.float().cpu().numpy()
 
 
 def _next_tokens(

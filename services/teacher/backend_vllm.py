@@ -114,6 +114,8 @@ class VllmBackend:
             )
         )
         self.revision = model_revision(model, revision)
+        # "auto" resolves to the checkpoint's dtype or 16 bits; record what actually runs.
+        self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
         self.logit_width = int(self.engine.model_config.get_vocab_size())
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self._sliced = self.logit_width == self.vocab_size

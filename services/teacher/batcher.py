@@ -85,9 +85,11 @@ class Batcher:
         self.metrics.queue_depth.set(0)
 
     def retry_after(self) -> int:
-        """Time to drain the queue at the recent pace, in whole seconds (at least 1)."""
-        calls = (self.depth + self.max_batch_size) / self.max_batch_size / self.max_inflight
-        return max(1, math.ceil(calls * self._call_seconds))
+        """Time to drain the queue at the recent pace, in whole seconds (at least 1): the
+        backend calls its queued sequences need, plus the one running, at the smoothed
+        seconds per call."""
+        calls = math.ceil(self._queued_sequences() / self.max_batch_size) / self.max_inflight
+        return max(1, math.ceil((calls + 1) * self._call_seconds))
 
     async def submit(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput]:
         """Queue one HTTP request's sequences; raises QueueFull when the queue is full."""
@@ -108,7 +110,11 @@ class Batcher:
     async def run(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput]:
         """Run a batch job's sequences without queueing, in turn with the HTTP worker."""
         async with self._slots:
-            return await self._call(kind, requests)
+            outputs = await self._call(kind, requests)
+        for output in outputs:
+            if isinstance(output, Exception):
+                raise output
+        return outputs
 
     async def _work(self) -> None:
         while True:
@@ -169,27 +175,48 @@ class Batcher:
         for entry in batch:
             part = outputs[start : start + len(entry.requests)]
             start += len(entry.requests)
-            if not entry.future.done():
+            if entry.future.done():
+                continue
+            failed = next((o for o in part if isinstance(o, Exception)), None)
+            if failed is not None:
+                entry.future.set_exception(failed)
+            else:
                 entry.future.set_result(part)
 
-    async def _call(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput]:
-        outputs: list[TeacherOutput] = []
+    async def _call(self, kind: Mode, requests: list[Query]) -> list[TeacherOutput | Exception]:
+        """Outputs in request order; a request the backend fails on gets its exception.
+
+        A backend call that raises is retried one request at a time, so one bad request
+        fails alone instead of taking every request batched with it down.
+        """
+        outputs: list[TeacherOutput | Exception] = []
         for start in range(0, len(requests), self.max_batch_size):
             chunk = requests[start : start + self.max_batch_size]
-            began = time.monotonic()
-            if kind == "generate":
-                got = await self.backend.generate(chunk)
-            else:
-                got = await self.backend.score(chunk)
-            if len(got) != len(chunk):
-                raise RuntimeError(
-                    f"backend {self.backend.name} returned {len(got)} outputs for {len(chunk)}"
-                )
-            self._call_seconds = 0.8 * self._call_seconds + 0.2 * (time.monotonic() - began)
-            self.metrics.batch_size.observe(len(chunk))
-            self.metrics.teacher_sequences.inc(len(got))
-            self.metrics.teacher_tokens.inc(
-                sum(len(o.prompt_ids) + len(o.completion_ids) for o in got)
-            )
-            outputs += got
+            try:
+                outputs += await self._backend_call(kind, chunk)
+            except Exception as e:
+                if len(chunk) == 1:
+                    outputs.append(e)
+                    continue
+                for request in chunk:
+                    try:
+                        outputs += await self._backend_call(kind, [request])
+                    except Exception as alone:
+                        outputs.append(alone)
         return outputs
+
+    async def _backend_call(self, kind: Mode, chunk: list[Query]) -> list[TeacherOutput]:
+        began = time.monotonic()
+        if kind == "generate":
+            got = await self.backend.generate(chunk)
+        else:
+            got = await self.backend.score(chunk)
+        if len(got) != len(chunk):
+            raise RuntimeError(
+                f"backend {self.backend.name} returned {len(got)} outputs for {len(chunk)}"
+            )
+        self._call_seconds = 0.8 * self._call_seconds + 0.2 * (time.monotonic() - began)
+        self.metrics.batch_size.observe(len(chunk))
+        self.metrics.teacher_sequences.inc(len(got))
+        self.metrics.teacher_tokens.inc(sum(len(o.prompt_ids) + len(o.completion_ids) for o in got))
+        return got

@@ -63,10 +63,11 @@ def serve(**flags: Any) -> None:
 
     from .app import create_app
     from .runtime import open_backend
+    from .server import server_config
 
     settings = _valid(TeacherSettings, given(flags))
     app = create_app(settings, lambda: open_backend(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.Server(server_config(app, settings)).run()
 
 
 serve.__doc__ = f"""Run the teacher service: generate, score, batch jobs and datasets over HTTP.

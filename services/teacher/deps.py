@@ -1,14 +1,15 @@
-"""What the routes depend on: the app's state, bearer auth, the ready runtime, and the
-checks of names and paths that several routes share."""
+"""What the routes depend on: the app's state, the ready runtime, a guard against clients
+that leave, and the checks of names and paths that several routes share. (Bearer auth
+runs before any of this, in gate.py.)"""
 
 from __future__ import annotations
 
-import secrets
+import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .metrics import ServiceMetrics
 from .runtime import Runtime
@@ -17,6 +18,12 @@ from .store import check_dataset_name
 
 # Seconds a client is told to wait while the model is still loading.
 LOADING_RETRY_AFTER = 5
+# How often a request waiting for the teacher checks that its client is still there.
+_DISCONNECT_POLL_S = 0.25
+# nginx's code for "client closed the request": nobody reads it, but logs and metrics do.
+CLIENT_CLOSED = 499
+
+T = TypeVar("T")
 
 
 class AppState:
@@ -36,25 +43,6 @@ def app_state(request: Request) -> AppState:
 
 State = Annotated[AppState, Depends(app_state)]
 
-_bearer = HTTPBearer(auto_error=False)
-
-
-async def authorized(
-    state: State,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    token = state.settings.token()
-    if token is None:
-        return
-    if credentials is None or not secrets.compare_digest(
-        credentials.credentials.encode(), token.encode()
-    ):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
 
 async def ready_runtime(state: State) -> Runtime:
     if state.runtime is None:
@@ -71,8 +59,11 @@ Ready = Annotated[Runtime, Depends(ready_runtime)]
 
 def confined(data_root: Path, raw: str, field: str) -> Path:
     """``raw`` (relative to the data root, or absolute) resolved; 403 when it leaves the root."""
-    path = Path(raw)
-    full = (path if path.is_absolute() else data_root / path).resolve()
+    try:
+        path = Path(raw)
+        full = (path if path.is_absolute() else data_root / path).resolve()
+    except (OSError, ValueError) as e:  # a NUL byte, a name longer than the system allows
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {raw!r}: {e}") from None
     if not full.is_relative_to(data_root):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"{field}: {raw!r} is outside the data root")
     return full
@@ -83,3 +74,22 @@ def dataset_name(raw: str, field: str) -> str:
         return check_dataset_name(raw)
     except ValueError as e:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {e}") from None
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; its work was cancelled."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientGone once the client has disconnected: its work is
+    cancelled, which frees its place in the teacher's queue (Starlette itself never
+    cancels a handler whose client left)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()

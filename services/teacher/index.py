@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +34,13 @@ from distillcache.shared.schema import KEY, DatasetInfo
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+# 2: datasets carry their log-prob codec, so lookups can refuse less exact rows.
+INDEX_VERSION = 2
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS datasets (name TEXT PRIMARY KEY, stamp TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (
+    name TEXT PRIMARY KEY, stamp TEXT NOT NULL, codec TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS shards (
     dataset TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (dataset, file)
@@ -182,7 +185,10 @@ class CacheIndex:
             try:
                 self._db.executemany("INSERT OR IGNORE INTO rows VALUES (?,?,?,?,?)", new_rows)
                 self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?,?,?)", new_shards)
-                self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?,?)", (name, stamp))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO datasets VALUES (?,?,?)",
+                    (name, stamp, manifest.info.logprob_codec),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -228,30 +234,37 @@ class CacheIndex:
                 )
         return found
 
-    def locate(self, keys: Iterable[str]) -> dict[str, Location]:
-        """Where each key is stored (any dataset; the first found when several hold it)."""
+    def locate(self, keys: Iterable[str], codecs: Sequence[str]) -> dict[str, Location]:
+        """Where each key is stored, in a dataset of one of ``codecs`` (the first found when
+        several hold it)."""
         found: dict[str, Location] = {}
         keys = list(keys)
+        codec_marks = ",".join("?" * len(codecs))
         with self._lock:
             for chunk in _chunks(keys):
                 marks = ",".join("?" * len(chunk))
                 for key, dataset, file, group, row in self._db.execute(
                     f"SELECT key, dataset, file, row_group, row FROM rows"
-                    f" WHERE key IN ({marks}) ORDER BY dataset",
-                    chunk,
+                    f" WHERE key IN ({marks}) AND dataset IN"
+                    f" (SELECT name FROM datasets WHERE codec IN ({codec_marks}))"
+                    f" ORDER BY dataset",
+                    (*chunk, *codecs),
                 ):
                     found.setdefault(key, Location(dataset, file, group, row))
         return found
 
-    def fetch(self, keys: Iterable[str]) -> dict[str, tuple[str, SequenceRecord]]:
-        """(dataset, stored row) for those of ``keys`` that are in the index.
+    def fetch(
+        self, keys: Iterable[str], codecs: Sequence[str]
+    ) -> dict[str, tuple[str, SequenceRecord]]:
+        """(dataset, stored row) for those of ``keys`` that a dataset of one of ``codecs``
+        holds.
 
         A location that no longer matches its shard (the dataset changed under the index)
         is left out, and that dataset is re-indexed at the next refresh.
         """
         out: dict[str, tuple[str, SequenceRecord]] = {}
         with self._lock:
-            for key, loc in self.locate(keys).items():
+            for key, loc in self.locate(keys, codecs).items():
                 try:
                     info, table = self._row_group(loc)
                     if table.column(KEY)[loc.row].as_py() != key:

@@ -19,8 +19,10 @@ the service's ``JobManager`` runs its jobs as tasks and resumes only its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from itertools import islice
+from pathlib import Path
 
 from distillcache.shared.inputs import (
     InputError,
@@ -34,6 +36,8 @@ from .backend import Query
 from .jobs import Job, JobProgress, JobRowError, JobSpec, JobStore
 from .limits import QueryError
 from .service import TeacherService
+
+log = logging.getLogger(__name__)
 
 
 async def execute_job(
@@ -60,6 +64,8 @@ async def execute_job(
     progress = JobProgress()
     try:
         await asyncio.to_thread(store.open_dataset, spec.output, spec.k, spec.as_sampling())
+        if job.origin == "service":
+            _confine(spec.input, store.data_root)
         progress.rows_total = await asyncio.to_thread(_count_rows, spec.input)
         jobs.save_progress(job_id, progress, [])
         rows = iter_input_rows(spec.input)
@@ -151,6 +157,13 @@ def _query(service: TeacherService, spec: JobSpec, row: InputRow) -> Query:
     return Query("score", prompt, spec.k, completion_ids=completion)
 
 
+def _confine(path: str, data_root: Path) -> None:
+    """A service job's input, resolved again at every run: a file swapped for a symlink
+    out of the data root after the job was created is not read."""
+    if not Path(path).resolve().is_relative_to(data_root):
+        raise PermissionError(f"input {path} now leads outside the data root")
+
+
 def _count_rows(path: str) -> int:
     return sum(1 for _ in iter_input_rows(path))
 
@@ -171,6 +184,10 @@ class JobManager:
         self.jobs = jobs
         self.chunk_rows = chunk_rows
         self._running: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
+        # Jobs that ended with an error their own state could not record (a full disk
+        # under jobs.sqlite): reported as failed by this process; the file still says
+        # "running", so the next server resumes them.
+        self.unrecorded: dict[str, str] = {}
 
     def start(self, job_id: str) -> None:
         cancel = asyncio.Event()
@@ -179,7 +196,23 @@ class JobManager:
             name=f"distill-job-{job_id}",
         )
         self._running[job_id] = (task, cancel)
-        task.add_done_callback(lambda _: self._running.pop(job_id, None))
+        self.unrecorded.pop(job_id, None)
+        task.add_done_callback(lambda done: self._ended(job_id, done))
+
+    def _ended(self, job_id: str, task: asyncio.Task) -> None:
+        self._running.pop(job_id, None)
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("job %s stopped; its state could not be recorded: %r", job_id, error)
+        self.unrecorded[job_id] = f"{type(error).__name__}: {error}"
+
+    def status(self, job: Job) -> Job:
+        """``job`` as this process knows it: failed when its end could not be recorded."""
+        if job.id in self.unrecorded:
+            message = f"failed; could not record it: {self.unrecorded[job.id]}"
+            return job.model_copy(update={"state": "failed", "message": message})
+        return job
 
     def resume_unfinished(self) -> list[str]:
         resumed = [job.id for job in self.jobs.unfinished("service")]

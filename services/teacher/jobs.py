@@ -8,6 +8,7 @@ so a restarted server resumes the jobs it was running. How a job runs is job_run
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -17,6 +18,8 @@ from typing import Literal
 from pydantic import BaseModel
 
 from distillcache.shared.schema import Sampling
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 Origin = Literal["service", "cli"]
@@ -69,8 +72,25 @@ class JobStore:
     """Job rows in SQLite (WAL). Used from one thread: the event loop's."""
 
     def __init__(self, path: Path) -> None:
+        """Opens (or creates) the job table. A file SQLite cannot read is moved aside
+        (``jobs.sqlite.corrupt-<time>``, logged) and a new one started: job records are
+        bookkeeping, the datasets hold the work, and a resubmitted job skips every row
+        they hold."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open(path)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            log.error("%s is unreadable (%s); moved to %s, starting a new one", path, e, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            path.rename(aside)
+            self._open(path)
+
+    def _open(self, path: Path) -> None:
         self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        self._db.execute("PRAGMA quick_check").fetchone()
         self._db.execute("PRAGMA journal_mode=WAL")
         # Progress is rewritten every step; a power cut may lose the last few updates,
         # which the next run recounts anyway, but never corrupts the file.

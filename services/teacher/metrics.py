@@ -7,7 +7,10 @@ distill_teacher_tokens_total)`` is the share of the work the cache saved.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class ServiceMetrics:
@@ -61,3 +64,41 @@ class ServiceMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware counting requests by route and status, and timing them.
+
+    Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: that one hands the app a
+    wrapped ``receive`` under which ``request.is_disconnected()`` never turns true, and
+    a request whose client left must be cancelled (deps.unless_disconnected). A response
+    that never started (the client was gone) counts as 499.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 499
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            # The router records the matched route in the scope it was given.
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.request_seconds.labels(path).observe(time.perf_counter() - began)

@@ -35,6 +35,7 @@ from distillcache.shared.schema import DatasetInfo, LogprobCodec, Sampling
 from .backend import Query
 from .jobs import JobSpec
 from .limits import QueryError
+from .service import CacheMode
 from .store import Answer
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
@@ -70,10 +71,18 @@ class PromptFields(_Strict):
     def prompt_field(self) -> str:
         return next(f for f in PROMPT_FIELDS if getattr(self, f) is not None)
 
-    def prompt_token_ids(self, tokenizer: Any) -> tuple[int, ...]:
-        """Ids as given; text and chats checked by the rules of a job's rows, rendered."""
+    def prompt_token_ids(self, tokenizer: Any, max_chars: int) -> tuple[int, ...]:
+        """Ids as given; text and chats checked by the rules of a job's rows (and at most
+        ``max_chars`` characters, counted before tokenising), rendered."""
         if self.prompt_ids is not None:
             return tuple(self.prompt_ids)
+        chars = (
+            len(self.prompt)
+            if self.prompt is not None
+            else sum(len(m.content) for m in self.messages or [])
+        )
+        if chars > max_chars:
+            raise QueryError(self.prompt_field(), _too_long(chars, max_chars))
         try:
             if self.prompt is not None:
                 messages = user_turn(check_text(self.prompt, "prompt"))
@@ -84,12 +93,19 @@ class PromptFields(_Strict):
         return tuple(render_prompt(tokenizer, messages))
 
 
+CACHE_HELP = (
+    "read-write: answer from the cache, store new answers; read: answer from the cache, "
+    "store nothing; bypass: always run the teacher (a fresh draw for unseeded sampling), "
+    "store nothing."
+)
+
+
 class GenerateBody(PromptFields, Sampling):
     k: int | None = Field(None, ge=1, description="Top-k to return (default: the server's).")
-    store: bool = Field(True, description="Store the answer in the cache.")
+    cache: CacheMode = Field("read-write", description=CACHE_HELP)
 
-    def to_query(self, tokenizer: Any, default_k: int) -> Query:
-        prompt = self.prompt_token_ids(tokenizer)
+    def to_query(self, tokenizer: Any, default_k: int, max_chars: int) -> Query:
+        prompt = self.prompt_token_ids(tokenizer, max_chars)
         return Query("generate", prompt, self.k or default_k, sampling=self.as_sampling())
 
     def field_name(self, part: str) -> str:
@@ -113,10 +129,12 @@ class ScorePair(PromptFields):
             raise ValueError("give exactly one of completion, completion_ids")
         return self
 
-    def to_query(self, tokenizer: Any, k: int) -> Query:
-        prompt = self.prompt_token_ids(tokenizer)
+    def to_query(self, tokenizer: Any, k: int, max_chars: int) -> Query:
+        prompt = self.prompt_token_ids(tokenizer, max_chars)
         if self.completion_ids is not None:
             completion = tuple(self.completion_ids)
+        elif len(self.completion) > max_chars:
+            raise QueryError("completion", _too_long(len(self.completion), max_chars))
         else:
             try:
                 text = check_text(self.completion, "completion")
@@ -138,7 +156,7 @@ class ScorePair(PromptFields):
 class ScoreBody(_Strict):
     pairs: list[ScorePair] = Field(min_length=1, max_length=256)
     k: int | None = Field(None, ge=1)
-    store: bool = True
+    cache: CacheMode = Field("read-write", description=CACHE_HELP)
 
     def field_name(self, i: int, part: str) -> str:
         """The body's field for a part of pair ``i``'s query named by a QueryError."""
@@ -230,6 +248,13 @@ class DatasetSummary(BaseModel):
             updated=manifest.updated,
             info=manifest.info,
         )
+
+
+def _too_long(chars: int, max_chars: int) -> str:
+    return (
+        f"is {chars:,} characters; the server takes at most {max_chars:,} "
+        "(setting max_prompt_chars)"
+    )
 
 
 def _finite(values: np.ndarray) -> list[float | None]:

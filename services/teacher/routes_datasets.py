@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, HTTPException, status
 
 from distillcache.shared.manifest import DatasetError, read_manifest
 
-from .deps import Ready, State, authorized, dataset_name
+from .deps import Ready, State, dataset_name
 from .index import dataset_names
 from .protocol import DatasetSummary
 from .runtime import Runtime
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Depends(authorized)])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 @router.get("", response_model=list[DatasetSummary])

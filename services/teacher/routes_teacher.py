@@ -1,7 +1,10 @@
 """``POST /v1/generate`` and ``POST /v1/score``: the teacher's answers, cached or fresh.
 
 Bodies become queries off the event loop (tokenising a long prompt must not stall other
-requests), pass the teacher's limits, and go through ``TeacherService.answer``.
+requests; texts longer than ``max_prompt_chars`` are refused before tokenising), pass
+the teacher's limits, and must fit ``max_response_entries`` (positions x k) before the
+teacher runs. The answer is encoded off the event loop too, and a request whose client
+disconnects is cancelled, freeing its place in the queue.
 """
 
 from __future__ import annotations
@@ -9,46 +12,96 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from .backend import Query
-from .deps import Ready, State, authorized
+from .deps import CLIENT_CLOSED, ClientGone, Ready, State, unless_disconnected
 from .limits import QueryError
 from .protocol import AnswerResponse, GenerateBody, ScoreBody, ScoreResponse
 from .runtime import Runtime
+from .settings import TeacherSettings
 
-router = APIRouter(prefix="/v1", tags=["teacher"], dependencies=[Depends(authorized)])
+router = APIRouter(prefix="/v1", tags=["teacher"])
 
 
 @router.post("/generate", response_model=AnswerResponse)
-async def generate(body: GenerateBody, rt: Ready, state: State) -> AnswerResponse:
+async def generate(body: GenerateBody, rt: Ready, state: State, request: Request) -> Response:
     """Generate a completion with the teacher's top-k log-probs at every position."""
-    tokenizer, k = rt.backend.tokenizer, state.settings.default_k
-    query = await asyncio.to_thread(
-        _checked, rt, lambda: body.to_query(tokenizer, k), body.field_name
-    )
-    [answer] = await rt.service.answer([query], store=body.store)
-    return AnswerResponse.of(answer, state.settings.logprob_codec)
+    settings = state.settings
+    tokenizer, chars = rt.backend.tokenizer, settings.max_prompt_chars
+
+    def query() -> Query:
+        return _checked(
+            rt, lambda: body.to_query(tokenizer, settings.default_k, chars), body.field_name
+        )
+
+    queries = [await asyncio.to_thread(query)]
+    return await _answer(rt, settings, request, queries, body.cache, _one_answer)
 
 
 @router.post("/score", response_model=ScoreResponse)
-async def score(body: ScoreBody, rt: Ready, state: State) -> ScoreResponse:
+async def score(body: ScoreBody, rt: Ready, state: State, request: Request) -> Response:
     """Score (prompt, completion) pairs by teacher forcing."""
-    tokenizer, k = rt.backend.tokenizer, body.k or state.settings.default_k
+    settings = state.settings
+    tokenizer, chars = rt.backend.tokenizer, settings.max_prompt_chars
+    k = body.k or settings.default_k
 
     def queries() -> list[Query]:
         return [
             _checked(
                 rt,
-                lambda pair=pair: pair.to_query(tokenizer, k),
+                lambda pair=pair: pair.to_query(tokenizer, k, chars),
                 lambda part, i=i: body.field_name(i, part),
             )
             for i, pair in enumerate(body.pairs)
         ]
 
-    answers = await rt.service.answer(await asyncio.to_thread(queries), store=body.store)
-    codec = state.settings.logprob_codec
-    return ScoreResponse(results=[AnswerResponse.of(a, codec) for a in answers])
+    return await _answer(
+        rt, settings, request, await asyncio.to_thread(queries), body.cache, _score_answers
+    )
+
+
+def _one_answer(answers: list[AnswerResponse]) -> AnswerResponse:
+    return answers[0]
+
+
+def _score_answers(answers: list[AnswerResponse]) -> ScoreResponse:
+    return ScoreResponse(results=answers)
+
+
+async def _answer(
+    rt: Runtime,
+    settings: TeacherSettings,
+    request: Request,
+    queries: list[Query],
+    cache: str,
+    shape: Callable[[list[AnswerResponse]], AnswerResponse | ScoreResponse],
+) -> Response:
+    entries = sum(_entries(q) for q in queries)
+    if entries > settings.max_response_entries:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"the answer would hold {entries:,} log-probs (positions x k); the server sends "
+            f"at most {settings.max_response_entries:,} per request (setting "
+            "max_response_entries): ask for fewer pairs, a smaller k or fewer max_tokens",
+        )
+    try:
+        answers = await unless_disconnected(request, rt.service.answer(queries, cache=cache))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    codec = settings.logprob_codec
+
+    def encode() -> bytes:
+        return shape([AnswerResponse.of(a, codec) for a in answers]).model_dump_json().encode()
+
+    return Response(await asyncio.to_thread(encode), media_type="application/json")
+
+
+def _entries(query: Query) -> int:
+    """Log-probs an answer to ``query`` holds at most: scored positions x k."""
+    if query.mode == "generate":
+        return query.sampling.max_tokens * query.k
+    return (len(query.prompt_ids) + len(query.completion_ids) - query.start) * query.k
 
 
 def _checked(rt: Runtime, make: Callable[[], Query], field_name: Callable[[str], str]) -> Query:

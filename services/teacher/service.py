@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from distillcache.shared.keys import cache_key
 from distillcache.shared.record import SequenceRecord
@@ -22,6 +22,8 @@ from .batcher import Batcher
 from .limits import Limits
 from .metrics import ServiceMetrics
 from .store import Answer, TeacherStore
+
+CacheMode = Literal["read-write", "read", "bypass"]
 
 
 class TeacherService:
@@ -45,8 +47,8 @@ class TeacherService:
     def key(self, query: Query) -> str:
         ident = self.store.identity
         return cache_key(
-            teacher_model=ident.model_id,
-            teacher_revision=ident.revision,
+            teacher=ident.weights,
+            numerics=ident.numerics,
             tokenizer_hash=ident.tokenizer_hash,
             prompt_ids=query.prompt_ids,
             mode=query.mode,
@@ -59,23 +61,29 @@ class TeacherService:
         self,
         queries: Sequence[Query],
         *,
-        store: bool = True,
+        cache: CacheMode = "read-write",
         dataset: str | None = None,
         metas: Sequence[dict[str, Any]] | None = None,
         queue: bool = True,
     ) -> list[Answer]:
-        """Answer ``queries`` (checked already), from the store where it can.
+        """Answer ``queries`` (checked already), from the store where ``cache`` allows.
 
-        ``dataset`` None stores new answers in the live dataset of their k (when
-        ``store``); a batch job names its dataset, which then receives every answer,
-        cached ones included, with the job's ``metas``. ``queue`` False (batch jobs)
-        bypasses the HTTP queue, which would refuse with QueueFull when full.
+        ``cache``: "read-write" answers from the store and stores new answers in the live
+        dataset of their k; "read" answers from the store and stores nothing; "bypass"
+        runs the teacher for every query (a fresh draw for unseeded sampling) and stores
+        nothing. A batch job names its ``dataset`` instead, which then receives every
+        answer, cached ones included, with the job's ``metas``. ``queue`` False (batch
+        jobs) bypasses the HTTP queue, which would refuse with QueueFull when full.
         """
+        if dataset is not None and cache != "read-write":
+            raise ValueError(f"a dataset is written in read-write mode, not {cache!r}")
         metas = list(metas) if metas is not None else [{} for _ in queries]
         keys = [self.key(q) for q in queries]
-        hits = await asyncio.to_thread(self.store.lookup, keys)
-        self.metrics.cache_lookups.labels("hit").inc(len(hits))
-        self.metrics.cache_lookups.labels("miss").inc(len(keys) - len(hits))
+        hits: dict[str, Answer] = {}
+        if cache != "bypass":
+            hits = await asyncio.to_thread(self.store.lookup, keys)
+            self.metrics.cache_lookups.labels("hit").inc(len(hits))
+            self.metrics.cache_lookups.labels("miss").inc(len(keys) - len(hits))
 
         answers: dict[int, Answer] = {}
         mine: dict[str, int] = {}
@@ -84,11 +92,15 @@ class TeacherService:
         for i, key in enumerate(keys):
             if key in hits:
                 answers[i] = hits[key]
-            elif key in self._flights:
+            elif key in own:
+                theirs[i] = own[key]
+            elif key in self._flights and cache != "bypass":
                 theirs[i] = self._flights[key]
             else:
                 mine[key] = i
-                own[key] = self._flights[key] = asyncio.get_running_loop().create_future()
+                own[key] = asyncio.get_running_loop().create_future()
+                if cache != "bypass":
+                    self._flights[key] = own[key]
 
         try:
             await self._run_teacher(queries, keys, metas, mine, own, answers, queue)
@@ -107,7 +119,7 @@ class TeacherService:
                 await asyncio.to_thread(self.store.put, dataset, rows)
                 for a in ordered:
                     a.dataset = dataset
-            elif store:
+            elif cache == "read-write":
                 await self._store_live(ordered)
         finally:
             # Only now, with the answers stored, may an identical query miss the flight.
@@ -168,6 +180,7 @@ def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) ->
         topk_ids=out.topk_ids,
         topk_logprobs=out.topk_logprobs,
         token_logprob=out.token_logprob,
+        tail_logprob=out.tail_logprob,
         completion_text=out.completion_text,
         logprob_start=out.logprob_start,
         finish_reason=out.finish_reason,

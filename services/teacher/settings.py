@@ -53,6 +53,31 @@ class TeacherSettings(BaseSettings):
         description="Backend calls running at once (1 suits transformers; vLLM batches "
         "continuously and gains from a few).",
     )
+    max_body_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="Largest request body; a larger one gets 413 before it is read.",
+    )
+    max_prompt_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Longest prompt or completion text, in characters, checked before "
+        "tokenising (422 naming the field).",
+    )
+    max_response_entries: int = Field(
+        1_000_000,
+        ge=1,
+        description="Largest answer of one request: scored positions x k, summed over its "
+        "sequences (413 before the teacher runs).",
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, description="Idle keep-alive connections are closed after this long."
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="Connections and requests in progress at once; beyond it, 503 at once.",
+    )
     auth_token: SecretStr | None = Field(
         None,
         description="When set, /v1 endpoints need `Authorization: Bearer <token>` (prefer "

@@ -15,8 +15,10 @@ Which dataset an answer goes to. A dataset has one k and one log-prob codec, so:
   tokenizer so two teachers never share one. Sampling parameters vary per request there;
   each row's ``request`` column holds them.
 
-Lookups do not care which dataset holds a key: the key already pins the teacher, the
-tokenizer, the prompt, k and the sampling, so any dataset's row is the right answer.
+Lookups do not care which dataset holds a key, only how exactly it stores log-probs: the
+key already pins the teacher's weights and numerics, the tokenizer, the prompt, k and the
+sampling, so any dataset's row is the right answer, provided its codec is at least as
+exact as the one this store writes (``as_exact_codecs``).
 
 Flush policy. Stored rows first sit in the dataset's ShardWriter buffer and in a
 ``pending`` map that answers lookups from memory. Once a dataset has ``flush_rows``
@@ -36,8 +38,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distillcache.shared.manifest import DatasetError
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import LogprobCodec, Sampling
+from distillcache.shared.schema import LogprobCodec, Sampling, as_exact_codecs
 from distillcache.shared.writer import ShardWriter
 
 from .identity import TeacherIdentity
@@ -101,6 +104,7 @@ class TeacherStore:
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         self.codec: LogprobCodec = codec
+        self._exact_codecs = as_exact_codecs(codec)
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.row_group_tokens = row_group_tokens
@@ -113,7 +117,12 @@ class TeacherStore:
         self._refreshed = clock()
 
     def dataset_path(self, name: str) -> Path:
-        return self.data_root / check_dataset_name(name)
+        """The dataset's directory, which must be a real directory inside the data root:
+        resolved at every open, so a name later swapped for a symlink leads nowhere."""
+        path = self.data_root / check_dataset_name(name)
+        if path.is_symlink() or not path.resolve().is_relative_to(self.data_root):
+            raise DatasetError(f"{path}: a dataset must be a directory inside the data root")
+        return path
 
     def open_dataset(self, name: str, k: int, sampling: Sampling | None) -> None:
         """Get ``name`` ready for writing (created when new).
@@ -170,12 +179,15 @@ class TeacherStore:
         return pending | self.index.contains(name, [k for k in keys if k not in pending])
 
     def lookup(self, keys: Iterable[str]) -> dict[str, Answer]:
-        """Stored answers for those of ``keys`` that any dataset holds."""
+        """Stored answers for those of ``keys`` that a dataset holds whose codec is at least
+        as exact as this store's: a float32 dataset is never filled from one-byte codes."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, Answer] = {}
         with self._lock:
             open_now = list(self._open.items())
         for name, ds in open_now:
+            if ds.writer.info.logprob_codec not in self._exact_codecs:
+                continue
             with ds.lock:
                 for key in keys:
                     if key not in found and key in ds.pending:
@@ -192,7 +204,7 @@ class TeacherStore:
     def _fetch(self, keys: list[str]) -> dict[str, Answer]:
         return {
             key: Answer(record, True, dataset)
-            for key, (dataset, record) in self.index.fetch(keys).items()
+            for key, (dataset, record) in self.index.fetch(keys, self._exact_codecs).items()
         }
 
     def pending_rows(self, name: str) -> int:
