@@ -13,9 +13,10 @@ over them is plainly wrong), then measures:
   vLLM's scoring of them (prompt log-probs) against the transformers backend scoring the
   same tokens. This is the check of what only ran on vLLM's CPU runner before: the
   worker extension that cuts the logits to the tokenizer, and the k + 1 layout of
-  vLLM's log-probs (on GPU vLLM 0.32 runs Model Runner V2). It fails on a padding id in
-  any output, a greedy token whose log-prob is not the top-1's (a shifted layout), or a
-  mean log-prob offset above 0.02 nats (a different normalizer);
+  vLLM's log-probs (on GPU vLLM 0.32 runs Model Runner V2, here compiled and with CUDA
+  graphs, as the service runs it). It fails on a padding id in any output, a greedy
+  token whose log-prob is not the top-1's (a shifted layout), or a mean log-prob offset
+  above 0.02 nats (a different normalizer);
 - a trainer step at a Qwen2.5-0.5B-sized head (vocabulary 151,936, hidden 896, 4 x 1024
   tokens, k=64): bench/loss.py's time and peak memory of plain cross-entropy, naive
   dense KD and the trainer's chunked sparse KD (bf16 autocast on CUDA).
@@ -319,14 +320,17 @@ def check_vllm(model_dir: Path, cfg: Config, device: torch.device, dtype: str) -
 
     ids = prompts(model_dir, cfg.gen_batch)
     sampling = Sampling(max_tokens=cfg.gen_tokens, temperature=0.0)
+    eager = device.type != "cuda"
 
     async def run_vllm() -> tuple[list[TeacherOutput], list[TeacherOutput], str]:
-        # Eager: the same model runner and sampler without minutes of compilation.
+        # On CUDA as the service runs it: torch.compile and CUDA graphs, so the logit cut
+        # made at the first request must hold in the captured model runner too. On CPU
+        # eager, which starts in seconds.
         engine = VllmBackend(
             model_dir,
             max_k=cfg.max_k,
             dtype=dtype,
-            enforce_eager=True,
+            enforce_eager=eager,
             max_model_len=1024,
             gpu_memory_utilization=0.5 if device.type == "cuda" else None,
         )
@@ -364,8 +368,9 @@ def check_vllm(model_dir: Path, cfg: Config, device: torch.device, dtype: str) -
         )
     finally:
         asyncio.run(reference.close())
+    mode = "eager" if eager else "compiled, CUDA graphs"
     lines = [
-        f"vLLM {version} ({dtype}, eager) against the transformers backend scoring the same tokens:"
+        f"vLLM {version} ({dtype}, {mode}) against the transformers backend on the same tokens:"
     ]
     for label, ours in (("vLLM generate", generated), ("vLLM score", scored)):
         found = agreement(ours, expected)
