@@ -43,17 +43,21 @@ COMPOSE_V1 = Path("/usr/bin/docker-compose")  # Debian's docker-compose 1.29
 # (compose-spec/compose-go#442, in compose-go v1.18.0, first in Docker Compose v2.20.3).
 MIN_COMPOSE = "v2.20.3"
 
-# What each base image's Python is, from upstream. vllm/vllm-openai: vllm-project/vllm's
-# docker/Dockerfile installs a system Python (update-alternatives python3, pip from
-# get-pip or apt) and vLLM into it with `uv pip install --system`, no virtualenv.
+# What each base image's Python is, from upstream (no Docker here to look inside).
+# vllm/vllm-openai: vllm-project/vllm's docker/Dockerfile installs a system Python
+# (update-alternatives python3; pip from apt or get-pip; on Ubuntu 24.04 bases that
+# interpreter carries the EXTERNALLY-MANAGED marker) and vLLM into it with
+# `uv pip install --system`, no virtualenv. vllm/vllm-openai-cpu: docker/Dockerfile.cpu
+# makes a uv virtualenv at /opt/venv seeded with pip and puts it first on PATH, so
+# `python3` is the venv's, which pip never treats as externally managed.
 # pytorch/pytorch since 2.12: Ubuntu 24.04's system Python 3.12 with the
 # EXTERNALLY-MANAGED marker (`pip install` fails with "externally-managed-environment",
 # reported on pytorch/pytorch:2.12.0-cuda12.6-cudnn9-devel), and Ubuntu has no `python`
-# command, only `python3`. Either way distillcache must join that interpreter (it holds
-# vLLM or the CUDA torch): `python3 -m pip` with PIP_BREAK_SYSTEM_PACKAGES=1.
+# command, only `python3`. Where the engine is in a system interpreter, distillcache must
+# join it there: `python3 -m pip` with PIP_BREAK_SYSTEM_PACKAGES=1 (harmless in a venv).
 BASE_IMAGES = {
     "vllm/vllm-openai": {"python": "python3", "system_python": True},
-    "vllm/vllm-openai-cpu": {"python": "python3", "system_python": True},
+    "vllm/vllm-openai-cpu": {"python": "python3", "system_python": False},
     "pytorch/pytorch": {"python": "python3", "system_python": True},
 }
 
@@ -289,7 +293,11 @@ def test_dockerfile_installs_into_its_base_images_python(dockerfile: Path) -> No
         facts = BASE_IMAGES[base.split(":")[0]]
         for command in _install_commands(dockerfile):
             words = shlex.split(command)
-            assignments = {w.split("=")[0]: w.split("=", 1)[1] for w in words if "=" in w[:30]}
+            assignments = {}
+            for word in words:
+                if not (found := re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(.*)", word)):
+                    break
+                assignments[found[1]] = found[2]
             interpreter = words[len(assignments)]
             assert interpreter == facts["python"], f"{base} has {facts['python']}: {command}"
             assert words[len(assignments) + 1 : len(assignments) + 4] == ["-m", "pip", "install"]
