@@ -52,8 +52,8 @@ MIN_COMPOSE = "v2.20.3"
 # `python3` is the venv's, which pip never treats as externally managed.
 # pytorch/pytorch since 2.12: Ubuntu 24.04's system Python 3.12 with the
 # EXTERNALLY-MANAGED marker (`pip install` fails with "externally-managed-environment",
-# reported on pytorch/pytorch:2.12.0-cuda12.6-cudnn9-devel), and Ubuntu has no `python`
-# command, only `python3`. Where the engine is in a system interpreter, distillcache must
+# reported on pytorch/pytorch:2.12.0-cuda12.6-cudnn9-devel), whose command is `python3`
+# (Ubuntu adds `python` only with the python-is-python3 package). Where the engine is in a system interpreter, distillcache must
 # join it there: `python3 -m pip` with PIP_BREAK_SYSTEM_PACKAGES=1 (harmless in a venv).
 BASE_IMAGES = {
     "vllm/vllm-openai": {"python": "python3", "system_python": True},
