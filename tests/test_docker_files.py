@@ -307,7 +307,9 @@ def test_dockerfile_installs_into_its_base_images_python(dockerfile: Path) -> No
                 )
 
 
-def test_pip_with_the_dockerfiles_settings_installs_into_an_externally_managed_python() -> None:
+def test_pip_with_the_dockerfiles_settings_installs_into_an_externally_managed_python(
+    tmp_path: Path,
+) -> None:
     """Run pip as the Dockerfiles run it against a real PEP 668 interpreter (Debian's, like
     Ubuntu 24.04's in the PyTorch image): refused without the setting, let through with it.
     Nothing is installed: a dry run of a name no index has gets past the check or not."""
@@ -323,7 +325,9 @@ def test_pip_with_the_dockerfiles_settings_installs_into_an_externally_managed_p
         pytest.skip(f"{system} has no pip")
 
     def pip_install(settings: dict[str, str]) -> str:
-        env = {"PATH": os.defpath, "HOME": str(ROOT), **settings}
+        # No pip configuration of this machine (indexes, constraints): pip as shipped.
+        env = {"PATH": os.defpath, "HOME": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}
+        env |= settings
         done = subprocess.run(
             [str(system), "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps"]
             + ["distillcache-no-such-package"],
