@@ -189,3 +189,49 @@ def test_image_command_line_with_auth_token_keeps_probes_open(
         authorized = client.post("/v1/score", json=body, headers={"Authorization": "Bearer s3cret"})
         assert authorized.status_code == 200, authorized.text
         _stop_gracefully(proc, log)
+
+
+def _environ_after_exec(proc: subprocess.Popen, log: Path) -> dict[str, str]:
+    """The environment the server process started with, read once the script has exec'd
+    it (its command line then names `serve`): what the dynamic loader saw."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited ({proc.returncode}):\n{log.read_text()}"
+        if b"serve" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        time.sleep(0.05)
+    pytest.fail(f"the script did not exec the server:\n{log.read_text()}")
+
+
+@pytest.mark.parametrize("enabled", ["1", "0"])
+def test_cuda_compatibility_libraries_come_first_when_the_server_starts(
+    enabled: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """VLLM_ENABLE_CUDA_COMPATIBILITY (the GPU service passes it) takes effect before the
+    server starts: setting LD_LIBRARY_PATH later, from Python, does not reach the loader."""
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    env = _container_env(model_dir, tmp_path / "data", tmp_path / "home", free_port())
+    env |= {
+        "VLLM_ENABLE_CUDA_COMPATIBILITY": enabled,
+        "VLLM_CUDA_COMPATIBILITY_PATH": str(compat),
+        "LD_LIBRARY_PATH": "/opt/host-libs",
+    }
+    log = tmp_path / "server.log"
+    with _running(env, log) as proc:
+        started = _environ_after_exec(proc, log)
+    expected = f"{compat}:/opt/host-libs" if enabled == "1" else "/opt/host-libs"
+    assert started["LD_LIBRARY_PATH"] == expected
+
+
+def test_cuda_compatibility_without_its_libraries_is_a_one_line_startup_failure(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    env = _container_env(model_dir, tmp_path / "data", tmp_path / "home", free_port())
+    missing = tmp_path / "no-compat"
+    env |= {"VLLM_ENABLE_CUDA_COMPATIBILITY": "true", "VLLM_CUDA_COMPATIBILITY_PATH": str(missing)}
+    done = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert str(missing) in line and "VLLM_CUDA_COMPATIBILITY_PATH" in line
