@@ -51,13 +51,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distillcache.services.teacher.backend import (
-    GenerateRequest,
-    Sampling,
-    ScoreRequest,
-    TeacherOutput,
-)
+from distillcache.services.teacher.backend import Query, TeacherOutput
 from distillcache.services.teacher.backend_transformers import TransformersBackend
+from distillcache.shared.schema import Sampling
 from distillcache.shared.tiny_models import build_tiny_model, synthetic_task_rows, train_tokenizer
 
 BENCH_LOSS = Path(__file__).resolve().parents[1] / "bench" / "loss.py"
@@ -209,7 +205,7 @@ def check_outputs(outputs: list[TeacherOutput], k: int, vocab: int) -> None:
         assert np.isfinite(out.token_logprob).all(), "non-finite token log-prob"
 
 
-def run_backend(backend: TransformersBackend, requests: list[GenerateRequest], k: int) -> int:
+def run_backend(backend: TransformersBackend, requests: list[Query], k: int) -> int:
     outputs = asyncio.run(backend.generate(requests))
     check_outputs(outputs, k, backend.vocab_size)
     return sum(len(out.completion_ids) for out in outputs)
@@ -245,7 +241,7 @@ def check_generation(model_dir: Path, cfg: Config, device: torch.device, dtype: 
         sampling = Sampling(max_tokens=cfg.gen_tokens, temperature=0.0)
         # k=0 is the backend's own decoding loop without capture; k=max with it.
         for k in (0, cfg.max_k):
-            requests = [GenerateRequest(tuple(p), k, sampling) for p in ids]
+            requests = [Query("generate", tuple(p), k, sampling=sampling) for p in ids]
             run_backend(backend, requests, k)  # warm-up
             reset_peak(device)
             tokens, seconds = timed(device, partial(run_backend, backend, requests, k))
@@ -336,11 +332,16 @@ def check_vllm(model_dir: Path, cfg: Config, device: torch.device, dtype: str) -
         )
         try:
             generated = await engine.generate(
-                [GenerateRequest(tuple(p), cfg.max_k, sampling) for p in ids]
+                [Query("generate", tuple(p), cfg.max_k, sampling=sampling) for p in ids]
             )
             scored = await engine.score(
                 [
-                    ScoreRequest(tuple(g.prompt_ids), tuple(g.completion_ids), cfg.max_k)
+                    Query(
+                        "score",
+                        tuple(g.prompt_ids),
+                        cfg.max_k,
+                        completion_ids=tuple(g.completion_ids),
+                    )
                     for g in generated
                 ]
             )
@@ -361,7 +362,12 @@ def check_vllm(model_dir: Path, cfg: Config, device: torch.device, dtype: str) -
         expected = asyncio.run(
             reference.score(
                 [
-                    ScoreRequest(tuple(g.prompt_ids), tuple(g.completion_ids), cfg.max_k)
+                    Query(
+                        "score",
+                        tuple(g.prompt_ids),
+                        cfg.max_k,
+                        completion_ids=tuple(g.completion_ids),
+                    )
                     for g in generated
                 ]
             )

@@ -16,9 +16,8 @@ See docs/shard-format.md for why the columns are encoded the way they are.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
@@ -65,9 +64,16 @@ def as_exact_codecs(codec: LogprobCodec) -> tuple[str, ...]:
 # Parquet key-value metadata key holding the JSON of DatasetInfo.
 PARQUET_METADATA_KEY = b"distillcache"
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 
 def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
     """The Arrow schema of a shard holding top-``k`` log-probs stored with ``codec``."""
+    # Imported here: the teacher's backends import this module (Sampling, DatasetInfo)
+    # and must load where pyarrow is not installed (scripts/gpu_check.sh's wheel folder).
+    import pyarrow as pa
+
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     lp_type = {"cbrt-u8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[codec]
