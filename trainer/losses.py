@@ -47,6 +47,13 @@ from .config import Divergence, TailMode
 # float32 epsilon; a smaller stored tail (or -inf) is noise. Flooring it there keeps
 # reverse KL finite when the student puts mass where the teacher reported none.
 TAIL_FLOOR = math.log(torch.finfo(torch.float32).eps)
+# A top-k log-prob is exact in log space (a float32 log-softmax), so it is floored only
+# where float32 probabilities end, at the smallest normal number: what is left is -inf, a
+# logit the teacher masked. Unfloored, one such id makes reverse KL and JSD(1) infinite
+# with all-NaN gradients wherever the student puts mass on it; floored, it costs the
+# student 87 nats per unit of mass there. A floor at epsilon, like the tail's, would
+# change exact losses: at T > 1 the floored probabilities are raised to the power 1/T.
+TOPK_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -63,11 +70,12 @@ def teacher_log_probs(
     """The teacher's log-probs at temperature T over the tail mode's outcomes.
 
     ``topk_logprobs`` [N, k] raw T=1 log-probs, ``tail_logprob`` [N] log of the mass
-    outside the top-k. Returns [N, k] (renormalize) or [N, k+1] (bucket, tail last):
-    ``log q = log_softmax(t / T)`` over the k (or k+1) outcomes, which also repairs a
-    stored top-k whose quantized probabilities do not sum with the tail to exactly one.
+    outside the top-k, floored at ``TOPK_FLOOR`` and ``TAIL_FLOOR``. Returns [N, k] (renormalize) or
+    [N, k+1] (bucket, tail last): ``log q = log_softmax(t / T)`` over the k (or k+1)
+    outcomes, which also repairs a stored top-k whose quantized probabilities do not sum
+    with the tail to exactly one.
     """
-    logits = _at_least_float32(topk_logprobs)
+    logits = _at_least_float32(topk_logprobs).clamp(min=TOPK_FLOOR)
     if tail == "bucket":
         floored = _at_least_float32(tail_logprob).clamp(min=TAIL_FLOOR)
         logits = torch.cat([logits, floored.unsqueeze(-1)], dim=-1)

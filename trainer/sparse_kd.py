@@ -67,37 +67,47 @@ def head_chunk(
     part of the gradient is then written by hand, because it is simple and is where the
     memory and time go: ``dr/dz_j = exp(z_j - r)`` off the top-k, and the hard-label CE
     adds ``alpha * (softmax(z) - onehot(y))``. Passes over the [c, vocab] buffer: max,
-    subtract, exp, sum, scale, as many as a fused cross-entropy makes.
+    subtract, exp, sum, scale, as many as a fused cross-entropy makes. ``r`` is summed
+    relative to the largest logit off the top-k, so it is exact however sure the student.
     """
     sft = spec.loss == "sft"
     alpha = 1.0 if sft else spec.alpha
     if not sft and (topk_ids is None or teacher is None):
         raise ValueError(f"loss {spec.loss!r} needs the teacher's top-k; use 'sft' without it")
     label_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
-    top_logits = None if sft else logits.gather(1, topk_ids)
-    peak = logits.amax(dim=-1, keepdim=True)
-    # From here on the buffer holds exp(z - max), off the top-k only (once zeroed there).
-    exp = logits.sub_(peak).exp_()
-    peak = peak.squeeze(1)
     if sft:
-        total = exp.sum(dim=-1)
+        shift = logits.amax(dim=-1)
+        peak = shift
     else:
-        top_exp = exp.gather(1, topk_ids)
-        exp.scatter_(1, topk_ids, 0.0)
-        rest = exp.sum(dim=-1)
-        total = rest + top_exp.sum(dim=-1)
+        top_logits = logits.gather(1, topk_ids)
+        # The logits off the top-k are exponentiated relative to their own maximum, not
+        # the global one: a student sure of a top-k token (a gap of hundreds of nats)
+        # would otherwise underflow every one of them, and the tail bucket's log-mass
+        # with them. Without ids off the top-k (k covers the vocabulary) there is no tail.
+        logits.scatter_(1, topk_ids, float("-inf"))
+        rest_max = logits.amax(dim=-1)
+        top_max = top_logits.amax(dim=-1)
+        shift = torch.where(torch.isneginf(rest_max), top_max, rest_max)
+        peak = torch.maximum(shift, top_max)
+    # From here on the buffer holds exp(z - shift), off the top-k only (zero on it).
+    exp = logits.sub_(shift.unsqueeze(1)).exp_()
+    rest = exp.sum(dim=-1)
+    if sft:
+        total = rest
+    else:
+        # Sums relative to the global maximum, for the softmax of the hard-label term.
+        rest_scale = (shift - peak).exp()
+        top_exp = (top_logits - peak.unsqueeze(1)).exp()
+        total = rest * rest_scale + top_exp.sum(dim=-1)
     ce = peak + total.log() - label_logits
     if sft:
         kd = torch.zeros_like(ce)
         soft = kd
     else:
         tail = spec.tail_for(topk_ids.shape[-1])
-        # Every rest logit can underflow exp(z - max) when the student is absurdly sure;
-        # the bucket's log-mass is then bounded at float32's smallest normal number.
-        rest = rest.clamp_min(torch.finfo(torch.float32).tiny)
         with torch.enable_grad():
             top = top_logits.detach().requires_grad_(want_grad)
-            rest_lse = (peak + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
+            rest_lse = (shift + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
             student = student_log_probs(top, rest_lse, spec.temperature, tail)
             kd = divergence(spec.loss, teacher, student, spec.beta)
             # The soft term only; the CE term's gradient is written by hand below.
@@ -109,7 +119,9 @@ def head_chunk(
     loss = soft + alpha * ce
     if not want_grad:
         return loss, kd, ce, None
-    coefficient = alpha / total
+    # Off the top-k: alpha softmax(z)_j = exp(z_j - shift) * alpha exp(shift - peak) / total,
+    # and d(rest_lse)/dz_j = exp(z_j - shift) / rest, where rest >= 1 (its maximum's term).
+    coefficient = alpha / total if sft else alpha * rest_scale / total
     if not sft and tail == "bucket":
         coefficient = coefficient + grads[1] / rest
     grad = exp.mul_(coefficient.unsqueeze(1))
