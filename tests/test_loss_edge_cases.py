@@ -1,12 +1,4 @@
-"""Edge cases of the sparse losses against a float64 dense oracle written here.
-
-The oracle works on full-vocabulary probabilities: it pools the mass off the teacher's
-top-k into one outcome, floors the teacher's top-k probabilities at float32's smallest
-normal number and its pooled tail at float32 epsilon (the resolutions the cache captures
-them at), tempers and renormalizes each side, and applies the
-textbook divergence. Gradients come from plain float64 autograd through it. Nothing is
-shared with trainer/losses.py or trainer/sparse_kd.py.
-"""
+"""Edge cases of the sparse losses against the float64 dense oracle of tests/loss_oracle.py."""
 
 from __future__ import annotations
 
@@ -16,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loss_oracle import bucket_pair, divergence, pooled
 
 from distillcache.shared.manifest import DatasetError
 from distillcache.shared.record import SequenceRecord
@@ -24,48 +17,11 @@ from distillcache.shared.writer import ShardWriter
 from distillcache.trainer.sparse_kd import LossSpec, chunked_head_loss
 from distillcache.trainer.stream import ShardSource
 
-EPS = 2.0**-23  # float32 epsilon: the teacher's tail is known to this resolution
-TINY = 2.0**-126  # float32's smallest normal number: a top-k probability is known to this
-
-
-def oracle_kd(name, q, p, beta=0.5):
-    """Textbook divergences between probability tensors [N, K]; 0 log 0 = 0."""
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (a / b).log(), torch.zeros_like(a)).sum(-1)
-
-    if name == "forward_kl":
-        return kl(q, p)
-    if name == "reverse_kl":
-        return kl(p, q)
-    if name == "jsd":
-        if beta == 1.0:
-            return kl(p, q)
-        m = beta * q + (1 - beta) * p
-        return beta * kl(q, m) + (1 - beta) * kl(p, m)
-    return 0.5 * (q - p).abs().sum(-1)
-
-
-def pooled(probs, ids):
-    """[N, V] probabilities -> [N, k + 1]: the top-k ids, then everything else pooled."""
-    off = torch.ones_like(probs, dtype=torch.bool).scatter(1, ids, False)
-    return torch.cat([probs.gather(1, ids), (probs * off).sum(-1, keepdim=True)], -1)
-
-
-def soften(probs, temperature):
-    """Each outcome's probability to the power 1/T, renormalized."""
-    powered = probs ** (1.0 / temperature)
-    return powered / powered.sum(-1, keepdim=True)
-
 
 def oracle_loss(name, student_logits, teacher_probs, ids, temperature=1.0, beta=0.5):
     """Summed T**2 * divergence of the pooled, floored, softened distributions (float64)."""
-    teacher = pooled(teacher_probs, ids)
-    floor = torch.full_like(teacher, TINY)
-    floor[:, -1] = EPS
-    q = soften(torch.maximum(teacher, floor), temperature)
-    p = soften(pooled(torch.softmax(student_logits, -1), ids), temperature)
-    return temperature**2 * oracle_kd(name, q, p, beta).sum()
+    q, p = bucket_pair(teacher_probs, torch.softmax(student_logits, -1), ids, temperature)
+    return temperature**2 * divergence(name, q, p, beta).sum()
 
 
 def stored_teacher(teacher_probs, k):

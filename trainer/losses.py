@@ -19,19 +19,35 @@ A divergence needs both distributions on one set of outcomes, which the tail mod
   here is a lower bound of the full-vocabulary KL (equal when k covers the vocabulary),
   and the student is told how much mass belongs off the teacher's support.
 
-Temperature (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") acts on
-the outcomes of the tail mode, on both sides alike: each side's T=1 log-probs over those
-outcomes are divided by T and renormalized, ``softmax(log r / T)``, and the divergence is
-multiplied by T**2 so its gradients keep their size as T changes. For ``renormalize`` that
-is the usual tempered softmax restricted to ``S``. For ``bucket`` the pooled tail is
-tempered as one outcome, which differs from pooling the tempered vocabulary (the cache
-cannot do that: it does not know the tail's shape); both sides get the same treatment, so
-the divergence still vanishes exactly when they agree.
+Temperature (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") is meant
+to soften the teacher's full distribution, ``softmax(L / T)``, and the divergence is
+multiplied by T**2 so its gradients keep their size as T changes. On the top-k that is
+exact: ``softmax(t / T)`` restricted to ``S`` (``renormalize`` is just that). The pooled
+tail is not a probability that can be raised to 1/T: softened, a tail of mass ``m``
+spread over tokens in proportions ``w`` (summing to one) weighs
+``sum_j (m w_j)**(1/T) = m**(1/T) * exp((1 - 1/T) * H)``, where ``H`` is the Renyi
+entropy of order 1/T of ``w`` (the log of the tail's effective number of tokens). So the
+bucket's tempered log-weight is ``tau / T + (1 - 1/T) * H`` and the cache must assume
+``H``. ``H = 0`` (the tail is one token: the bucket before, and the default of these
+functions) underestimates it badly, since at T=2 the real tail of a 49k-token vocabulary
+holds most of the softened mass; ``H = log(V - k)`` (maximum entropy: the mass spread
+evenly) is an upper bound. ``zipf_tail_entropy`` assumes the tail continues Zipf's law
+from the last kept token, ``p_r = p_k (r / k)**-b`` for ranks ``r = k+1 .. V``, with the
+one exponent ``b`` that gives it exactly its stored mass; docs/trainer.md measures the
+three against the exact softened teacher on real text. At T=1 the term vanishes and the
+loss is the one without temperature whatever ``H``.
+
+The student's pooled tail ``r`` goes through the same map, ``r / T + (1 - 1/T) * H`` with
+the teacher's ``H``: both tails are taken to have the teacher's shape, so the divergence
+still vanishes exactly when the two coarse-grained distributions agree, and T changes the
+weighting, never the optimum. (Softening the student's tail exactly, which its logits
+would allow, would pull its tail toward whatever shape error the assumed ``H`` has.)
 
 Reverse KL and JSD over a cached top-k are approximations whatever the tail mode: the
 cache cannot say how the teacher rates tokens outside its top-k that the student puts
 mass on, which these divergences weigh by the student's probability. The on-policy path
 (live teacher, GKD; Agarwal et al. 2024) scores the student's own tokens instead.
+
 """
 
 from __future__ import annotations
@@ -61,11 +77,22 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _tempered(logits: torch.Tensor, temperature: float, tail_entropy) -> torch.Tensor:
+    """``log_softmax`` of T=1 log-weights at temperature T, the last one a pooled tail
+    whose mass is spread with Renyi entropy ``tail_entropy`` (None: one token)."""
+    scaled = logits / temperature
+    if tail_entropy is not None and temperature != 1.0:
+        spread = (1.0 - 1.0 / temperature) * torch.as_tensor(tail_entropy, dtype=scaled.dtype)
+        scaled = torch.cat([scaled[..., :-1], (scaled[..., -1] + spread).unsqueeze(-1)], dim=-1)
+    return F.log_softmax(scaled, dim=-1)
+
+
 def teacher_log_probs(
     topk_logprobs: torch.Tensor,
     tail_logprob: torch.Tensor,
     temperature: float,
     tail: TailMode,
+    tail_entropy: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """The teacher's log-probs at temperature T over the tail mode's outcomes.
 
@@ -73,12 +100,15 @@ def teacher_log_probs(
     outside the top-k, floored at ``TOPK_FLOOR`` and ``TAIL_FLOOR``. Returns [N, k] (renormalize) or
     [N, k+1] (bucket, tail last): ``log q = log_softmax(t / T)`` over the k (or k+1)
     outcomes, which also repairs a stored top-k whose quantized probabilities do not sum
-    with the tail to exactly one.
+    with the tail to exactly one. ``tail_entropy`` [N] or a number (bucket, T != 1): the
+    Renyi entropy of order 1/T assumed for the tail's shape (module docstring); None
+    tempers the tail as one token.
     """
     logits = _at_least_float32(topk_logprobs).clamp(min=TOPK_FLOOR)
     if tail == "bucket":
         floored = _at_least_float32(tail_logprob).clamp(min=TAIL_FLOOR)
         logits = torch.cat([logits, floored.unsqueeze(-1)], dim=-1)
+        return _tempered(logits, temperature, tail_entropy)
     return F.log_softmax(logits / temperature, dim=-1)
 
 
@@ -87,6 +117,7 @@ def student_log_probs(
     logsumexp_rest: torch.Tensor | None,
     temperature: float,
     tail: TailMode,
+    tail_entropy: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """The student's log-probs at temperature T over the same outcomes as the teacher's.
 
@@ -95,13 +126,75 @@ def student_log_probs(
     the logit of the pooled tail, and the result is ``log_softmax([z_S, lse_rest] / T)``
     [N, k+1]; for ``renormalize`` it is ``log_softmax(z_S / T)`` [N, k] (and
     ``logsumexp_rest`` is unused). The student's normalizer cancels out of both.
+    ``tail_entropy``: the teacher's, so that both tails are softened alike.
     """
     logits = _at_least_float32(topk_logits)
     if tail == "bucket":
         if logsumexp_rest is None:
             raise ValueError("the tail bucket needs the log-sum-exp of the student's other logits")
         logits = torch.cat([logits, _at_least_float32(logsumexp_rest).unsqueeze(-1)], dim=-1)
+        return _tempered(logits, temperature, tail_entropy)
     return F.log_softmax(logits / temperature, dim=-1)
+
+
+# Ranks whose terms of a Zipf sum are added one by one; beyond them the sum is the
+# midpoint integral, whose relative error there is below b(b+1) / (24 (k + 64)**2).
+_ZIPF_EXPLICIT_RANKS = 64
+# The exponent is bisected in [0, this]; a tail far lighter than its last kept token
+# needs b of a few hundred (k=64: about 600 for a tail of 1e-4 p_k), and beyond that
+# the tail is one token anyway.
+_ZIPF_MAX_EXPONENT = 1e4
+_ZIPF_BISECTIONS = 64
+
+
+def _log_zipf_sum(b: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """log sum_{r=first}^{last} r**-b for each exponent in ``b`` [N] (float64)."""
+    split = min(last + 1, first + _ZIPF_EXPLICIT_RANKS)
+    ranks = torch.arange(first, split, dtype=torch.float64, device=b.device).log()
+    parts = [-b.unsqueeze(-1) * ranks]
+    if split <= last:
+        # integral of x**-b over [split - 1/2, last + 1/2] = A**s * expm1(s l) / s, s = 1 - b
+        low = math.log(split - 0.5)
+        span = math.log(last + 0.5) - low
+        s = 1.0 - b
+        tiny = s.abs() < 1e-12
+        safe = torch.where(tiny, torch.ones_like(s), s)
+        ratio = torch.where(tiny, torch.full_like(s, span), torch.expm1(s * span) / safe)
+        parts.append((s * low + ratio.log()).unsqueeze(-1))
+    return torch.cat(parts, dim=-1).logsumexp(dim=-1)
+
+
+def zipf_tail_entropy(
+    topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, vocab_size: int, temperature: float
+) -> torch.Tensor:
+    """The Renyi entropy of order 1/T of the tail's shape, under Zipf's law, per position.
+
+    ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] as stored (raw T=1). The tail is
+    assumed to be the ranks ``k+1 .. V`` with ``p_r = p_k (r / k)**-b``, continuing from
+    the smallest kept probability ``p_k``, where ``b >= 0`` is the exponent that makes
+    its mass ``exp(tail_logprob)``; a tail heavier than ``(V - k) p_k`` (possible only
+    from quantization or the floors) is spread evenly (``b = 0``). Returns [N] float64
+    ``H = (log S(b / T) - log S(b) / T) / (1 - 1/T)`` with ``S(b) = sum_r r**-b``: zero at
+    T=1 (where it does not matter) and when the top-k covers the vocabulary.
+    """
+    k = topk_logprobs.shape[-1]
+    tail_log = tail_logprob.double().clamp(min=TAIL_FLOOR)
+    if temperature == 1.0 or k >= vocab_size:
+        return torch.zeros_like(tail_log)
+    log_pk = topk_logprobs.double().clamp(min=TOPK_FLOOR).amin(dim=-1)
+    # log mass(b) = log p_k + b log k + log S(b) falls as b grows; bisect mass(b) = tail.
+    low = torch.zeros_like(tail_log)
+    high = torch.full_like(tail_log, _ZIPF_MAX_EXPONENT)
+    for _ in range(_ZIPF_BISECTIONS):
+        mid = 0.5 * (low + high)
+        heavy = log_pk + mid * math.log(k) + _log_zipf_sum(mid, k + 1, vocab_size) > tail_log
+        low, high = torch.where(heavy, mid, low), torch.where(heavy, high, mid)
+    b = 0.5 * (low + high)
+    inverse = 1.0 / temperature
+    spread = _log_zipf_sum(b * inverse, k + 1, vocab_size) - inverse * _log_zipf_sum(
+        b, k + 1, vocab_size
+    )
+    return spread / (1.0 - inverse)
 
 
 def _plogp_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

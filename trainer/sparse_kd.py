@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import LossName, TailMode
-from .losses import combine, divergence, student_log_probs, teacher_log_probs
+from .losses import (
+    combine,
+    divergence,
+    student_log_probs,
+    teacher_log_probs,
+    zipf_tail_entropy,
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +59,20 @@ def head_chunk(
     teacher: torch.Tensor | None,
     spec: LossSpec,
     want_grad: bool,
+    tail_entropy: torch.Tensor | None = None,
+    empty: torch.Tensor | None = None,
+    tail: TailMode | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-position (loss, divergence, CE) of one chunk, and d(sum of loss)/d(logits).
 
     ``logits`` [c, vocab] float32 is consumed: it is overwritten in place and becomes
     the returned gradient, so a chunk costs one [c, vocab] buffer. ``labels`` [c] are the
     tokens that came next; ``topk_ids`` [c, k] and ``teacher`` (``teacher_log_probs``)
-    the teacher's sparse distribution, None for ``sft``.
+    the teacher's sparse distribution, None for ``sft``; ``tail_entropy`` [c] the
+    teacher's (``zipf_tail_entropy``), which softens the student's tail alike.
+    ``empty`` [c, k] marks slots that carry no outcome (an id repeated from an earlier
+    slot, in the on-policy union; the teacher is -inf there); ``tail`` overrides
+    ``spec.tail_for(k)``, for a union whose width says nothing of what it covers.
 
     The divergence only sees the student through its logits at the top-k, ``z_S``, and
     (tail bucket) the log-sum-exp of the others, ``r``; it runs through the pure
@@ -98,17 +111,20 @@ def head_chunk(
         # Sums relative to the global maximum, for the softmax of the hard-label term.
         rest_scale = (shift - peak).exp()
         top_exp = (top_logits - peak.unsqueeze(1)).exp()
+        if empty is not None:
+            top_exp = top_exp.masked_fill(empty, 0.0)
         total = rest * rest_scale + top_exp.sum(dim=-1)
     ce = peak + total.log() - label_logits
     if sft:
         kd = torch.zeros_like(ce)
         soft = kd
     else:
-        tail = spec.tail_for(topk_ids.shape[-1])
+        tail = tail or spec.tail_for(topk_ids.shape[-1])
         with torch.enable_grad():
             top = top_logits.detach().requires_grad_(want_grad)
             rest_lse = (shift + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
-            student = student_log_probs(top, rest_lse, spec.temperature, tail)
+            outcomes = top if empty is None else top.masked_fill(empty, float("-inf"))
+            student = student_log_probs(outcomes, rest_lse, spec.temperature, tail, tail_entropy)
             kd = divergence(spec.loss, teacher, student, spec.beta)
             # The soft term only; the CE term's gradient is written by hand below.
             soft = combine(kd, torch.zeros_like(kd), spec.temperature, alpha)
@@ -123,10 +139,13 @@ def head_chunk(
     # and d(rest_lse)/dz_j = exp(z_j - shift) / rest, where rest >= 1 (its maximum's term).
     coefficient = alpha / total if sft else alpha * rest_scale / total
     if not sft and tail == "bucket":
-        coefficient = coefficient + grads[1] / rest
+        # rest = 0 only when the ids cover the vocabulary: no tail and nothing to scale.
+        coefficient = coefficient + torch.where(rest > 0, grads[1] / rest, 0.0)
     grad = exp.mul_(coefficient.unsqueeze(1))
     if not sft:
-        grad.scatter_(1, topk_ids, grads[0] + top_exp * (alpha / total).unsqueeze(1))
+        # Added, not written: a repeated id (empty slot, zero gradient) must not overwrite
+        # its first slot. The buffer is zero on the ids.
+        grad.scatter_add_(1, topk_ids, grads[0] + top_exp * (alpha / total).unsqueeze(1))
     if alpha > 0.0:
         grad.scatter_add_(1, labels.unsqueeze(1), torch.full_like(ce, -alpha).unsqueeze(1))
     return loss, kd, ce, grad
@@ -145,7 +164,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """sum over positions of the loss; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, teacher, spec):
+    def forward(ctx, hidden, weight, labels, topk_ids, teacher, tail_entropy, empty, tail, spec):
         vocab = spec.vocab_size
         dtype = _compute_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -162,8 +181,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 logits = (h @ head.T).float()
                 ids = None if topk_ids is None else topk_ids[start:end]
                 target = None if teacher is None else teacher[start:end]
+                spread = None if tail_entropy is None else tail_entropy[start:end]
+                unused = None if empty is None else empty[start:end]
                 loss, kd, ce, grad_logits = head_chunk(
-                    logits, labels[start:end], ids, target, spec, want_grad=need_h or need_w
+                    logits,
+                    labels[start:end],
+                    ids,
+                    target,
+                    spec,
+                    need_h or need_w,
+                    spread,
+                    unused,
+                    tail,
                 )
                 if grad_logits is not None:
                     grad_logits = grad_logits.to(dtype)
@@ -188,7 +217,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def chunked_head_loss(
@@ -207,12 +236,21 @@ def chunked_head_loss(
     are ignored and get zero gradient); ``labels`` [N]; the teacher's ``topk_ids`` [N, k],
     raw ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] (None for ``sft``). The loss is
     a sum so that the caller can normalize by the tokens of a whole optimizer step.
+    At T != 1 the tail bucket is softened as a Zipf tail (``losses.zipf_tail_entropy``).
     """
-    teacher = None
+    teacher = tail_entropy = None
     if spec.loss != "sft" and topk_ids is not None:
         tail = spec.tail_for(topk_ids.shape[-1])
-        teacher = teacher_log_probs(topk_logprobs, tail_logprob, spec.temperature, tail)
-    return _ChunkedHeadLoss.apply(hidden, weight, labels, topk_ids, teacher, spec)
+        if tail == "bucket" and spec.temperature != 1.0:
+            tail_entropy = zipf_tail_entropy(
+                topk_logprobs, tail_logprob, spec.vocab_size, spec.temperature
+            )
+        teacher = teacher_log_probs(
+            topk_logprobs, tail_logprob, spec.temperature, tail, tail_entropy
+        )
+    return _ChunkedHeadLoss.apply(
+        hidden, weight, labels, topk_ids, teacher, tail_entropy, None, None, spec
+    )
 
 
 @torch.no_grad()
