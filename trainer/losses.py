@@ -48,6 +48,14 @@ cache cannot say how the teacher rates tokens outside its top-k that the student
 mass on, which these divergences weigh by the student's probability. The on-policy path
 (live teacher, GKD; Agarwal et al. 2024) scores the student's own tokens instead.
 
+On-policy, the live teacher also returns its exact log-probs at ids the student chose
+(``score_ids``, the student's own top-k), and ``union_teacher_log_probs`` builds the
+outcomes: the union ``U`` of both id sets plus one bucket for the rest of the mass on
+each side. Both sides are then exact on ``U``, so reverse KL is exact wherever the
+student's mass lies in its top-k, which a sampled-token estimate (``log p(y) - log q(y)``
+for the one token drawn) is only on average. An id in both sets keeps its first slot; its
+second slot is an empty outcome (-inf on both sides), so slots are a fixed [N, k + s].
+Where ``U`` covers the vocabulary the bucket is empty on both sides too.
 """
 
 from __future__ import annotations
@@ -246,9 +254,18 @@ def generalized_jsd(teacher: torch.Tensor, student: torch.Tensor, beta: float) -
         return forward_kl(teacher, student)
     if beta == 1.0:
         return reverse_kl(teacher, student)
+    # An outcome empty on both sides (a repeated id, an empty tail) is left out of the
+    # mixture's log-sum-exp, whose gradient would be NaN there.
+    both_empty = torch.isneginf(teacher) & torch.isneginf(student)
     mixture = torch.logsumexp(
-        torch.stack([teacher + math.log(beta), student + math.log1p(-beta)]), dim=0
-    )
+        torch.stack(
+            [
+                teacher.masked_fill(both_empty, 0.0) + math.log(beta),
+                student.masked_fill(both_empty, 0.0) + math.log1p(-beta),
+            ]
+        ),
+        dim=0,
+    ).masked_fill(both_empty, -math.inf)
     return beta * _plogp_ratio(teacher, mixture).sum(dim=-1) + (1.0 - beta) * _plogp_ratio(
         student, mixture
     ).sum(dim=-1)
@@ -286,3 +303,45 @@ def combine(kd: torch.Tensor, ce: torch.Tensor, temperature: float, alpha: float
     on the scale of the hard term's as T grows (the soft gradients shrink like 1/T**2).
     """
     return (1.0 - alpha) * temperature**2 * kd + alpha * ce
+
+
+def union_teacher_log_probs(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    score_ids: torch.Tensor,
+    score_logprobs: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The teacher on the union of its top-k and the student's ids, plus a tail bucket.
+
+    ``topk_ids``/``topk_logprobs`` [N, k]: the teacher's top-k and its raw T=1 log-probs;
+    ``score_ids``/``score_logprobs`` [N, s]: the ids the student chose and the teacher's
+    exact log-probs there. Returns ``ids`` [N, k+s] (top-k first), ``empty`` [N, k+s]
+    (True on the later slot of an id in both sets), the teacher's log-probs at T over
+    the k+s slots and the bucket [N, k+s+1] (-inf on empty slots, and on the bucket where
+    the union covers the vocabulary), and the tail's ``tail_entropy`` [N] for the student
+    (None at T=1). The log-probs are floored like ``teacher_log_probs``'; the bucket's
+    mass is what the union leaves, ``1 - sum_U q``. At T != 1 the bucket is softened as a
+    Zipf tail continuing from the teacher's top-k (``zipf_tail_entropy`` over the V - s
+    ranks the student's ids do not take).
+    """
+    ids = torch.cat([topk_ids, score_ids], dim=-1)
+    raw = torch.cat([topk_logprobs, score_logprobs], dim=-1)
+    ordered, order = ids.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    empty = torch.zeros_like(repeat).scatter(1, order, repeat)
+    values = raw.double().clamp(min=TOPK_FLOOR).masked_fill(empty, -math.inf)
+    kept = values.logsumexp(dim=-1).clamp(max=0.0)
+    rest = torch.log(-torch.expm1(kept)).clamp(min=TAIL_FLOOR)
+    covered = (~empty).sum(dim=-1) >= vocab_size
+    rest = rest.masked_fill(covered, -math.inf)
+    tail_entropy = None
+    if temperature != 1.0:
+        tail_entropy = zipf_tail_entropy(
+            topk_logprobs, rest, vocab_size - score_ids.shape[-1], temperature
+        )
+    outcomes = torch.cat([values, rest.unsqueeze(-1)], dim=-1)
+    teacher = _tempered(outcomes, temperature, tail_entropy)
+    return ids, empty, teacher.to(torch.promote_types(raw.dtype, torch.float32)), tail_entropy

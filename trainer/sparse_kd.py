@@ -13,6 +13,9 @@ one, so there is no recomputation and the time stays that of plain cross-entropy
 training: three matmuls per position.
 
 The teacher side is never densified either: its top-k ids index the student's logits.
+The on-policy loss (``union_head_loss``) runs the same head on the union of the
+teacher's top-k and the student's own ids; a repeated id is an empty slot there, so the
+gradients are scatter-added, and the union may cover the vocabulary (empty tail).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .losses import (
     divergence,
     student_log_probs,
     teacher_log_probs,
+    union_teacher_log_probs,
     zipf_tail_entropy,
 )
 
@@ -250,6 +254,50 @@ def chunked_head_loss(
         )
     return _ChunkedHeadLoss.apply(
         hidden, weight, labels, topk_ids, teacher, tail_entropy, None, None, spec
+    )
+
+
+def union_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    score_ids: torch.Tensor,
+    score_logprobs: torch.Tensor,
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The on-policy (GKD) loss: the divergence on the union of the teacher's top-k and
+    the student's own ids, plus one tail bucket per side; summed over N positions.
+
+    Per position that predicts a token of a sequence the student sampled:
+
+    - ``hidden`` [N, H]: the student's final hidden states there (as for
+      ``chunked_head_loss``; the head is run in chunks, never [N, V]);
+    - ``weight`` [logit width, H]: its output head;
+    - ``labels`` [N]: the sampled tokens (used only by the hard-label term, ``alpha``);
+    - ``topk_ids`` [N, k] int64, ``topk_logprobs`` [N, k] float: the teacher's top-k and
+      its raw T=1 log-probs, as ``POST /v1/score`` returns them;
+    - ``score_ids`` [N, s] int64: the ids the student chose, usually its own top-s at that
+      position (``score_ids`` of the score request), ``score_logprobs`` [N, s]: the
+      teacher's exact T=1 log-probs at them. Ids may repeat ``topk_ids``.
+    - ``spec``: ``loss`` (reverse_kl and jsd are the usual on-policy choices; forward_kl
+      and tvd work too; not sft), ``beta``, ``temperature``, ``alpha``, ``chunk_size``,
+      ``vocab_size``. ``spec.tail`` is not used: the rest of the mass is always a bucket.
+
+    Returns (summed loss, [divergence sum, CE sum]) like ``chunked_head_loss``, so the
+    caller normalizes by the target tokens of its optimizer step the same way. The
+    teacher side is ``losses.union_teacher_log_probs``; where the student's mass lies in
+    the union (its top-s holds nearly all of it) reverse KL is the exact full-vocabulary
+    reverse KL.
+    """
+    if spec.loss == "sft":
+        raise ValueError("the on-policy loss needs a divergence; 'sft' has none")
+    ids, empty, teacher, tail_entropy = union_teacher_log_probs(
+        topk_ids, topk_logprobs, score_ids, score_logprobs, spec.vocab_size, spec.temperature
+    )
+    return _ChunkedHeadLoss.apply(
+        hidden, weight, labels, ids, teacher, tail_entropy, empty, "bucket", spec
     )
 
 
