@@ -16,6 +16,7 @@ from distillcache.shared.schema import DatasetInfo
 from distillcache.shared.writer import ShardWriter
 from distillcache.trainer.sparse_kd import LossSpec, chunked_head_loss
 from distillcache.trainer.stream import ShardSource
+from distillcache.trainer.teacher_check import first_bad_position
 
 
 def oracle_loss(name, student_logits, teacher_probs, ids, temperature=1.0, beta=0.5):
@@ -180,3 +181,14 @@ def test_the_oracle_itself_sees_the_confident_students_tail():
         torch.tensor([[0]]),
     )
     assert math.isclose(p[0, 1].log().item(), -200.0 + math.log(2), rel_tol=1e-12)
+
+
+def test_rows_out_of_the_writers_order_are_still_checked_for_repeats():
+    ids, logprobs, tail = good_rows(n=5, k=4)
+    ids[1] = [9, 3, 5, 1]  # unsorted, distinct: fine
+    assert first_bad_position(ids, logprobs, tail) is None
+    ids[4] = [8, 2, 8, 6]  # unsorted with a repeat
+    assert first_bad_position(ids, logprobs, tail) == (
+        4,
+        "top-k id 8 occurs twice (a position's ids are distinct)",
+    )

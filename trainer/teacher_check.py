@@ -11,8 +11,9 @@ NaN loss or a wrong one, are refused here, when a row group is decoded for train
 - an id that occurs twice in one position's top-k: the outcomes of a divergence must be
   distinct, and a repeated id would count the student's probability of it twice.
 
-The check is vectorized over the whole row group (a sort of [positions, k] ids); it
-answers with the first bad position so the error can name its row.
+The check is vectorized over the whole row group (a few passes over [positions, k]; ids
+are sorted only in rows not already in the writers' ascending order); it answers with
+the first bad position so the error can name its row.
 """
 
 from __future__ import annotations
@@ -41,12 +42,20 @@ def first_bad_position(
         i = int(lost_tail.argmax())
         problems.append((i, f"tail_logprob is {tail_logprob[i]} (want a number in [-inf, 0])"))
     if topk_ids.shape[-1] > 1:
-        ordered = np.sort(topk_ids, axis=1)
+        # Writers store each position's ids ascending (shared.codec), so one comparison
+        # clears almost every row; only the others are sorted to look for a repeat.
+        unsorted = np.flatnonzero((topk_ids[:, 1:] <= topk_ids[:, :-1]).any(axis=1))
+        ordered = np.sort(topk_ids[unsorted], axis=1)
         repeated = ordered[:, 1:] == ordered[:, :-1]
         if repeated.any():
-            i = int(repeated.any(axis=1).argmax())
-            token = int(ordered[i, 1:][repeated[i]][0])
-            problems.append((i, f"top-k id {token} occurs twice (a position's ids are distinct)"))
+            row = int(repeated.any(axis=1).argmax())
+            token = int(ordered[row, 1:][repeated[row]][0])
+            problems.append(
+                (
+                    int(unsorted[row]),
+                    f"top-k id {token} occurs twice (a position's ids are distinct)",
+                )
+            )
     return min(problems) if problems else None
 
 
