@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from loss_oracle import EPS, TINY, divergence
 
 from distillcache.trainer.sparse_kd import LossSpec, chunked_head_loss, union_head_loss
@@ -156,3 +158,35 @@ def test_the_on_policy_loss_refuses_sft():
     answer = service_answer(teacher_probs, h @ w.T, k=2, s=2)
     with pytest.raises(ValueError, match="needs a divergence"):
         union_head_loss(h.float(), w.float(), labels, *answer, LossSpec(vocab_size=10, loss="sft"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(3, 30),
+    st.integers(1, 8),
+    st.integers(1, 8),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([1.0, 0.7, 2.0]),
+)
+def test_the_union_divergence_vanishes_for_a_student_equal_to_the_teacher(vocab, k, s, seed, t):
+    k, s = min(k, vocab), min(s, vocab)
+    g = torch.Generator().manual_seed(seed)
+    teacher_probs = torch.softmax(torch.randn(4, vocab, generator=g, dtype=torch.float64) * 3, -1)
+    logits = teacher_probs.log()
+    # The student ranks its ids by a noisy copy, so the union overlaps the top-k only partly.
+    ranking = logits + torch.randn(4, vocab, generator=g, dtype=torch.float64)
+    answer = service_answer(teacher_probs, ranking, k=k, s=s)
+    hidden, eye, labels = logits.float(), torch.eye(vocab), torch.zeros(4, dtype=torch.long)
+    union_ids = [
+        set(a.tolist()) | set(b.tolist()) for a, b in zip(answer[0], answer[2], strict=True)
+    ]
+    # Where the teacher's rest is below the tail floor the two sides differ on purpose.
+    rest = torch.stack([1 - teacher_probs[n, sorted(u)].sum() for n, u in enumerate(union_ids)])
+    exact = (rest > 2 * EPS) | torch.tensor([len(u) == vocab for u in union_ids])
+    for name, beta in DIVERGENCES:
+        spec = LossSpec(vocab_size=vocab, loss=name, beta=beta, temperature=t, chunk_size=1)
+        for n in torch.nonzero(exact).flatten().tolist():
+            loss, _ = union_head_loss(
+                hidden[n : n + 1], eye, labels[n : n + 1], *[a[n : n + 1] for a in answer], spec
+            )
+            assert abs(loss.item()) < 1e-5, (name, n, loss.item())
