@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_oracle import bucket_pair
 
 from distillcache.shared.codec import tail_logprob
 from distillcache.trainer.losses import (
@@ -26,6 +27,7 @@ from distillcache.trainer.losses import (
     student_log_probs,
     teacher_log_probs,
     total_variation,
+    zipf_tail_entropy,
 )
 from distillcache.trainer.sparse_kd import LossSpec, chunked_head_loss, chunked_head_metrics
 
@@ -71,10 +73,10 @@ def dense_reference_loss(hidden, weight, labels, teacher_logits, k, spec: LossSp
     t = spec.temperature
     ids, values, tail = sparse_teacher(teacher_logits, k)
     if spec.tail == "bucket" and k < spec.vocab_size:
-        teacher_t1 = coarse_grained(F.softmax(teacher_logits.double(), -1), ids, "bucket")
-        teacher_t1[:, -1] = teacher_t1[:, -1].clamp(min=math.exp(TAIL_FLOOR))
-        q = F.softmax(teacher_t1.log() / t, -1)
-        p = F.softmax(coarse_grained(F.softmax(logits.double(), -1), ids, "bucket").log() / t, -1)
+        # Floors, pooling and the Zipf-softened tail: tests/loss_oracle.py.
+        q, p = bucket_pair(
+            F.softmax(teacher_logits.double(), -1), F.softmax(logits.double(), -1), ids, t
+        )
     else:
         q = coarse_grained(F.softmax(teacher_logits.double() / t, -1), ids, "renormalize")
         p = coarse_grained(F.softmax(logits.double() / t, -1), ids, "renormalize")
@@ -239,9 +241,10 @@ def sparse_pair(teacher_logits, student_logits, k, temperature, tail):
     tail_lp = torch.log(-torch.expm1(kept))
     mode = LossSpec(vocab_size=vocab, tail=tail).tail_for(k)
     rest = student_logits.scatter(1, ids, float("-inf")).logsumexp(-1)
-    teacher = teacher_log_probs(values, tail_lp, temperature, mode).double()
-    student = student_log_probs(student_logits.gather(1, ids), rest, temperature, mode).double()
-    return teacher, student
+    spread = zipf_tail_entropy(values, tail_lp, vocab, temperature) if mode == "bucket" else None
+    teacher = teacher_log_probs(values, tail_lp, temperature, mode, spread).double()
+    student = student_log_probs(student_logits.gather(1, ids), rest, temperature, mode, spread)
+    return teacher, student.double()
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,19 +19,43 @@ A divergence needs both distributions on one set of outcomes, which the tail mod
   here is a lower bound of the full-vocabulary KL (equal when k covers the vocabulary),
   and the student is told how much mass belongs off the teacher's support.
 
-Temperature (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") acts on
-the outcomes of the tail mode, on both sides alike: each side's T=1 log-probs over those
-outcomes are divided by T and renormalized, ``softmax(log r / T)``, and the divergence is
-multiplied by T**2 so its gradients keep their size as T changes. For ``renormalize`` that
-is the usual tempered softmax restricted to ``S``. For ``bucket`` the pooled tail is
-tempered as one outcome, which differs from pooling the tempered vocabulary (the cache
-cannot do that: it does not know the tail's shape); both sides get the same treatment, so
-the divergence still vanishes exactly when they agree.
+Temperature (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") is meant
+to soften the teacher's full distribution, ``softmax(L / T)``, and the divergence is
+multiplied by T**2 so its gradients keep their size as T changes. On the top-k that is
+exact: ``softmax(t / T)`` restricted to ``S`` (``renormalize`` is just that). The pooled
+tail is not a probability that can be raised to 1/T: softened, a tail of mass ``m``
+spread over tokens in proportions ``w`` (summing to one) weighs
+``sum_j (m w_j)**(1/T) = m**(1/T) * exp((1 - 1/T) * H)``, where ``H`` is the Renyi
+entropy of order 1/T of ``w`` (the log of the tail's effective number of tokens). So the
+bucket's tempered log-weight is ``tau / T + (1 - 1/T) * H`` and the cache must assume
+``H``. ``H = 0`` (the tail is one token: the bucket before, and the default of these
+functions) underestimates it badly, since at T=2 the real tail of a 49k-token vocabulary
+holds most of the softened mass; ``H = log(V - k)`` (maximum entropy: the mass spread
+evenly) is an upper bound. ``zipf_tail_entropy`` assumes the tail continues Zipf's law
+from the last kept token, ``p_r = p_k (r / k)**-b`` for ranks ``r = k+1 .. V``, with the
+one exponent ``b`` that gives it exactly its stored mass; docs/trainer.md measures the
+three against the exact softened teacher on real text. At T=1 the term vanishes and the
+loss is the one without temperature whatever ``H``.
+
+The student's pooled tail ``r`` goes through the same map, ``r / T + (1 - 1/T) * H`` with
+the teacher's ``H``: both tails are taken to have the teacher's shape, so the divergence
+still vanishes exactly when the two coarse-grained distributions agree, and T changes the
+weighting, never the optimum. (Softening the student's tail exactly, which its logits
+would allow, would pull its tail toward whatever shape error the assumed ``H`` has.)
 
 Reverse KL and JSD over a cached top-k are approximations whatever the tail mode: the
 cache cannot say how the teacher rates tokens outside its top-k that the student puts
 mass on, which these divergences weigh by the student's probability. The on-policy path
 (live teacher, GKD; Agarwal et al. 2024) scores the student's own tokens instead.
+
+On-policy, the live teacher also returns its exact log-probs at ids the student chose
+(``score_ids``, the student's own top-k), and ``union_teacher_log_probs`` builds the
+outcomes: the union ``U`` of both id sets plus one bucket for the rest of the mass on
+each side. Both sides are then exact on ``U``, so reverse KL is exact wherever the
+student's mass lies in its top-k, which a sampled-token estimate (``log p(y) - log q(y)``
+for the one token drawn) is only on average. An id in both sets keeps its first slot; its
+second slot is an empty outcome (-inf on both sides), so slots are a fixed [N, k + s].
+Where ``U`` covers the vocabulary the bucket is empty on both sides too.
 """
 
 from __future__ import annotations
@@ -47,6 +71,13 @@ from .config import Divergence, TailMode
 # float32 epsilon; a smaller stored tail (or -inf) is noise. Flooring it there keeps
 # reverse KL finite when the student puts mass where the teacher reported none.
 TAIL_FLOOR = math.log(torch.finfo(torch.float32).eps)
+# A top-k log-prob is exact in log space (a float32 log-softmax), so it is floored only
+# where float32 probabilities end, at the smallest normal number: what is left is -inf, a
+# logit the teacher masked. Unfloored, one such id makes reverse KL and JSD(1) infinite
+# with all-NaN gradients wherever the student puts mass on it; floored, it costs the
+# student 87 nats per unit of mass there. A floor at epsilon, like the tail's, would
+# change exact losses: at T > 1 the floored probabilities are raised to the power 1/T.
+TOPK_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -54,23 +85,38 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _tempered(logits: torch.Tensor, temperature: float, tail_entropy) -> torch.Tensor:
+    """``log_softmax`` of T=1 log-weights at temperature T, the last one a pooled tail
+    whose mass is spread with Renyi entropy ``tail_entropy`` (None: one token)."""
+    scaled = logits / temperature
+    if tail_entropy is not None and temperature != 1.0:
+        spread = (1.0 - 1.0 / temperature) * torch.as_tensor(tail_entropy, dtype=scaled.dtype)
+        scaled = torch.cat([scaled[..., :-1], (scaled[..., -1] + spread).unsqueeze(-1)], dim=-1)
+    return F.log_softmax(scaled, dim=-1)
+
+
 def teacher_log_probs(
     topk_logprobs: torch.Tensor,
     tail_logprob: torch.Tensor,
     temperature: float,
     tail: TailMode,
+    tail_entropy: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """The teacher's log-probs at temperature T over the tail mode's outcomes.
 
     ``topk_logprobs`` [N, k] raw T=1 log-probs, ``tail_logprob`` [N] log of the mass
-    outside the top-k. Returns [N, k] (renormalize) or [N, k+1] (bucket, tail last):
-    ``log q = log_softmax(t / T)`` over the k (or k+1) outcomes, which also repairs a
-    stored top-k whose quantized probabilities do not sum with the tail to exactly one.
+    outside the top-k, floored at ``TOPK_FLOOR`` and ``TAIL_FLOOR``. Returns [N, k] (renormalize) or
+    [N, k+1] (bucket, tail last): ``log q = log_softmax(t / T)`` over the k (or k+1)
+    outcomes, which also repairs a stored top-k whose quantized probabilities do not sum
+    with the tail to exactly one. ``tail_entropy`` [N] or a number (bucket, T != 1): the
+    Renyi entropy of order 1/T assumed for the tail's shape (module docstring); None
+    tempers the tail as one token.
     """
-    logits = _at_least_float32(topk_logprobs)
+    logits = _at_least_float32(topk_logprobs).clamp(min=TOPK_FLOOR)
     if tail == "bucket":
         floored = _at_least_float32(tail_logprob).clamp(min=TAIL_FLOOR)
         logits = torch.cat([logits, floored.unsqueeze(-1)], dim=-1)
+        return _tempered(logits, temperature, tail_entropy)
     return F.log_softmax(logits / temperature, dim=-1)
 
 
@@ -79,6 +125,7 @@ def student_log_probs(
     logsumexp_rest: torch.Tensor | None,
     temperature: float,
     tail: TailMode,
+    tail_entropy: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """The student's log-probs at temperature T over the same outcomes as the teacher's.
 
@@ -87,13 +134,75 @@ def student_log_probs(
     the logit of the pooled tail, and the result is ``log_softmax([z_S, lse_rest] / T)``
     [N, k+1]; for ``renormalize`` it is ``log_softmax(z_S / T)`` [N, k] (and
     ``logsumexp_rest`` is unused). The student's normalizer cancels out of both.
+    ``tail_entropy``: the teacher's, so that both tails are softened alike.
     """
     logits = _at_least_float32(topk_logits)
     if tail == "bucket":
         if logsumexp_rest is None:
             raise ValueError("the tail bucket needs the log-sum-exp of the student's other logits")
         logits = torch.cat([logits, _at_least_float32(logsumexp_rest).unsqueeze(-1)], dim=-1)
+        return _tempered(logits, temperature, tail_entropy)
     return F.log_softmax(logits / temperature, dim=-1)
+
+
+# Ranks whose terms of a Zipf sum are added one by one; beyond them the sum is the
+# midpoint integral, whose relative error there is below b(b+1) / (24 (k + 64)**2).
+_ZIPF_EXPLICIT_RANKS = 64
+# The exponent is bisected in [0, this]; a tail far lighter than its last kept token
+# needs b of a few hundred (k=64: about 600 for a tail of 1e-4 p_k), and beyond that
+# the tail is one token anyway.
+_ZIPF_MAX_EXPONENT = 1e4
+_ZIPF_BISECTIONS = 64
+
+
+def _log_zipf_sum(b: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """log sum_{r=first}^{last} r**-b for each exponent in ``b`` [N] (float64)."""
+    split = min(last + 1, first + _ZIPF_EXPLICIT_RANKS)
+    ranks = torch.arange(first, split, dtype=torch.float64, device=b.device).log()
+    parts = [-b.unsqueeze(-1) * ranks]
+    if split <= last:
+        # integral of x**-b over [split - 1/2, last + 1/2] = A**s * expm1(s l) / s, s = 1 - b
+        low = math.log(split - 0.5)
+        span = math.log(last + 0.5) - low
+        s = 1.0 - b
+        tiny = s.abs() < 1e-12
+        safe = torch.where(tiny, torch.ones_like(s), s)
+        ratio = torch.where(tiny, torch.full_like(s, span), torch.expm1(s * span) / safe)
+        parts.append((s * low + ratio.log()).unsqueeze(-1))
+    return torch.cat(parts, dim=-1).logsumexp(dim=-1)
+
+
+def zipf_tail_entropy(
+    topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, vocab_size: int, temperature: float
+) -> torch.Tensor:
+    """The Renyi entropy of order 1/T of the tail's shape, under Zipf's law, per position.
+
+    ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] as stored (raw T=1). The tail is
+    assumed to be the ranks ``k+1 .. V`` with ``p_r = p_k (r / k)**-b``, continuing from
+    the smallest kept probability ``p_k``, where ``b >= 0`` is the exponent that makes
+    its mass ``exp(tail_logprob)``; a tail heavier than ``(V - k) p_k`` (possible only
+    from quantization or the floors) is spread evenly (``b = 0``). Returns [N] float64
+    ``H = (log S(b / T) - log S(b) / T) / (1 - 1/T)`` with ``S(b) = sum_r r**-b``: zero at
+    T=1 (where it does not matter) and when the top-k covers the vocabulary.
+    """
+    k = topk_logprobs.shape[-1]
+    tail_log = tail_logprob.double().clamp(min=TAIL_FLOOR)
+    if temperature == 1.0 or k >= vocab_size:
+        return torch.zeros_like(tail_log)
+    log_pk = topk_logprobs.double().clamp(min=TOPK_FLOOR).amin(dim=-1)
+    # log mass(b) = log p_k + b log k + log S(b) falls as b grows; bisect mass(b) = tail.
+    low = torch.zeros_like(tail_log)
+    high = torch.full_like(tail_log, _ZIPF_MAX_EXPONENT)
+    for _ in range(_ZIPF_BISECTIONS):
+        mid = 0.5 * (low + high)
+        heavy = log_pk + mid * math.log(k) + _log_zipf_sum(mid, k + 1, vocab_size) > tail_log
+        low, high = torch.where(heavy, mid, low), torch.where(heavy, high, mid)
+    b = 0.5 * (low + high)
+    inverse = 1.0 / temperature
+    spread = _log_zipf_sum(b * inverse, k + 1, vocab_size) - inverse * _log_zipf_sum(
+        b, k + 1, vocab_size
+    )
+    return spread / (1.0 - inverse)
 
 
 def _plogp_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -145,9 +254,18 @@ def generalized_jsd(teacher: torch.Tensor, student: torch.Tensor, beta: float) -
         return forward_kl(teacher, student)
     if beta == 1.0:
         return reverse_kl(teacher, student)
+    # An outcome empty on both sides (a repeated id, an empty tail) is left out of the
+    # mixture's log-sum-exp, whose gradient would be NaN there.
+    both_empty = torch.isneginf(teacher) & torch.isneginf(student)
     mixture = torch.logsumexp(
-        torch.stack([teacher + math.log(beta), student + math.log1p(-beta)]), dim=0
-    )
+        torch.stack(
+            [
+                teacher.masked_fill(both_empty, 0.0) + math.log(beta),
+                student.masked_fill(both_empty, 0.0) + math.log1p(-beta),
+            ]
+        ),
+        dim=0,
+    ).masked_fill(both_empty, -math.inf)
     return beta * _plogp_ratio(teacher, mixture).sum(dim=-1) + (1.0 - beta) * _plogp_ratio(
         student, mixture
     ).sum(dim=-1)
@@ -185,3 +303,45 @@ def combine(kd: torch.Tensor, ce: torch.Tensor, temperature: float, alpha: float
     on the scale of the hard term's as T grows (the soft gradients shrink like 1/T**2).
     """
     return (1.0 - alpha) * temperature**2 * kd + alpha * ce
+
+
+def union_teacher_log_probs(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    score_ids: torch.Tensor,
+    score_logprobs: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The teacher on the union of its top-k and the student's ids, plus a tail bucket.
+
+    ``topk_ids``/``topk_logprobs`` [N, k]: the teacher's top-k and its raw T=1 log-probs;
+    ``score_ids``/``score_logprobs`` [N, s]: the ids the student chose and the teacher's
+    exact log-probs there. Returns ``ids`` [N, k+s] (top-k first), ``empty`` [N, k+s]
+    (True on the later slot of an id in both sets), the teacher's log-probs at T over
+    the k+s slots and the bucket [N, k+s+1] (-inf on empty slots, and on the bucket where
+    the union covers the vocabulary), and the tail's ``tail_entropy`` [N] for the student
+    (None at T=1). The log-probs are floored like ``teacher_log_probs``'; the bucket's
+    mass is what the union leaves, ``1 - sum_U q``. At T != 1 the bucket is softened as a
+    Zipf tail continuing from the teacher's top-k (``zipf_tail_entropy`` over the V - s
+    ranks the student's ids do not take).
+    """
+    ids = torch.cat([topk_ids, score_ids], dim=-1)
+    raw = torch.cat([topk_logprobs, score_logprobs], dim=-1)
+    ordered, order = ids.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    empty = torch.zeros_like(repeat).scatter(1, order, repeat)
+    values = raw.double().clamp(min=TOPK_FLOOR).masked_fill(empty, -math.inf)
+    kept = values.logsumexp(dim=-1).clamp(max=0.0)
+    rest = torch.log(-torch.expm1(kept)).clamp(min=TAIL_FLOOR)
+    covered = (~empty).sum(dim=-1) >= vocab_size
+    rest = rest.masked_fill(covered, -math.inf)
+    tail_entropy = None
+    if temperature != 1.0:
+        tail_entropy = zipf_tail_entropy(
+            topk_logprobs, rest, vocab_size - score_ids.shape[-1], temperature
+        )
+    outcomes = torch.cat([values, rest.unsqueeze(-1)], dim=-1)
+    teacher = _tempered(outcomes, temperature, tail_entropy)
+    return ids, empty, teacher.to(torch.promote_types(raw.dtype, torch.float32)), tail_entropy

@@ -13,6 +13,9 @@ one, so there is no recomputation and the time stays that of plain cross-entropy
 training: three matmuls per position.
 
 The teacher side is never densified either: its top-k ids index the student's logits.
+The on-policy loss (``union_head_loss``) runs the same head on the union of the
+teacher's top-k and the student's own ids; a repeated id is an empty slot there, so the
+gradients are scatter-added, and the union may cover the vocabulary (empty tail).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from .config import LossName, TailMode
-from .losses import combine, divergence, student_log_probs, teacher_log_probs
+from .losses import (
+    combine,
+    divergence,
+    student_log_probs,
+    teacher_log_probs,
+    union_teacher_log_probs,
+    zipf_tail_entropy,
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,20 @@ def head_chunk(
     teacher: torch.Tensor | None,
     spec: LossSpec,
     want_grad: bool,
+    tail_entropy: torch.Tensor | None = None,
+    empty: torch.Tensor | None = None,
+    tail: TailMode | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-position (loss, divergence, CE) of one chunk, and d(sum of loss)/d(logits).
 
     ``logits`` [c, vocab] float32 is consumed: it is overwritten in place and becomes
     the returned gradient, so a chunk costs one [c, vocab] buffer. ``labels`` [c] are the
     tokens that came next; ``topk_ids`` [c, k] and ``teacher`` (``teacher_log_probs``)
-    the teacher's sparse distribution, None for ``sft``.
+    the teacher's sparse distribution, None for ``sft``; ``tail_entropy`` [c] the
+    teacher's (``zipf_tail_entropy``), which softens the student's tail alike.
+    ``empty`` [c, k] marks slots that carry no outcome (an id repeated from an earlier
+    slot, in the on-policy union; the teacher is -inf there); ``tail`` overrides
+    ``spec.tail_for(k)``, for a union whose width says nothing of what it covers.
 
     The divergence only sees the student through its logits at the top-k, ``z_S``, and
     (tail bucket) the log-sum-exp of the others, ``r``; it runs through the pure
@@ -67,38 +84,51 @@ def head_chunk(
     part of the gradient is then written by hand, because it is simple and is where the
     memory and time go: ``dr/dz_j = exp(z_j - r)`` off the top-k, and the hard-label CE
     adds ``alpha * (softmax(z) - onehot(y))``. Passes over the [c, vocab] buffer: max,
-    subtract, exp, sum, scale, as many as a fused cross-entropy makes.
+    subtract, exp, sum, scale, as many as a fused cross-entropy makes. ``r`` is summed
+    relative to the largest logit off the top-k, so it is exact however sure the student.
     """
     sft = spec.loss == "sft"
     alpha = 1.0 if sft else spec.alpha
     if not sft and (topk_ids is None or teacher is None):
         raise ValueError(f"loss {spec.loss!r} needs the teacher's top-k; use 'sft' without it")
     label_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
-    top_logits = None if sft else logits.gather(1, topk_ids)
-    peak = logits.amax(dim=-1, keepdim=True)
-    # From here on the buffer holds exp(z - max), off the top-k only (once zeroed there).
-    exp = logits.sub_(peak).exp_()
-    peak = peak.squeeze(1)
     if sft:
-        total = exp.sum(dim=-1)
+        shift = logits.amax(dim=-1)
+        peak = shift
     else:
-        top_exp = exp.gather(1, topk_ids)
-        exp.scatter_(1, topk_ids, 0.0)
-        rest = exp.sum(dim=-1)
-        total = rest + top_exp.sum(dim=-1)
+        top_logits = logits.gather(1, topk_ids)
+        # The logits off the top-k are exponentiated relative to their own maximum, not
+        # the global one: a student sure of a top-k token (a gap of hundreds of nats)
+        # would otherwise underflow every one of them, and the tail bucket's log-mass
+        # with them. Without ids off the top-k (k covers the vocabulary) there is no tail.
+        logits.scatter_(1, topk_ids, float("-inf"))
+        rest_max = logits.amax(dim=-1)
+        top_max = top_logits.amax(dim=-1)
+        shift = torch.where(torch.isneginf(rest_max), top_max, rest_max)
+        peak = torch.maximum(shift, top_max)
+    # From here on the buffer holds exp(z - shift), off the top-k only (zero on it).
+    exp = logits.sub_(shift.unsqueeze(1)).exp_()
+    rest = exp.sum(dim=-1)
+    if sft:
+        total = rest
+    else:
+        # Sums relative to the global maximum, for the softmax of the hard-label term.
+        rest_scale = (shift - peak).exp()
+        top_exp = (top_logits - peak.unsqueeze(1)).exp()
+        if empty is not None:
+            top_exp = top_exp.masked_fill(empty, 0.0)
+        total = rest * rest_scale + top_exp.sum(dim=-1)
     ce = peak + total.log() - label_logits
     if sft:
         kd = torch.zeros_like(ce)
         soft = kd
     else:
-        tail = spec.tail_for(topk_ids.shape[-1])
-        # Every rest logit can underflow exp(z - max) when the student is absurdly sure;
-        # the bucket's log-mass is then bounded at float32's smallest normal number.
-        rest = rest.clamp_min(torch.finfo(torch.float32).tiny)
+        tail = tail or spec.tail_for(topk_ids.shape[-1])
         with torch.enable_grad():
             top = top_logits.detach().requires_grad_(want_grad)
-            rest_lse = (peak + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
-            student = student_log_probs(top, rest_lse, spec.temperature, tail)
+            rest_lse = (shift + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
+            outcomes = top if empty is None else top.masked_fill(empty, float("-inf"))
+            student = student_log_probs(outcomes, rest_lse, spec.temperature, tail, tail_entropy)
             kd = divergence(spec.loss, teacher, student, spec.beta)
             # The soft term only; the CE term's gradient is written by hand below.
             soft = combine(kd, torch.zeros_like(kd), spec.temperature, alpha)
@@ -109,12 +139,17 @@ def head_chunk(
     loss = soft + alpha * ce
     if not want_grad:
         return loss, kd, ce, None
-    coefficient = alpha / total
+    # Off the top-k: alpha softmax(z)_j = exp(z_j - shift) * alpha exp(shift - peak) / total,
+    # and d(rest_lse)/dz_j = exp(z_j - shift) / rest, where rest >= 1 (its maximum's term).
+    coefficient = alpha / total if sft else alpha * rest_scale / total
     if not sft and tail == "bucket":
-        coefficient = coefficient + grads[1] / rest
+        # rest = 0 only when the ids cover the vocabulary: no tail and nothing to scale.
+        coefficient = coefficient + torch.where(rest > 0, grads[1] / rest, 0.0)
     grad = exp.mul_(coefficient.unsqueeze(1))
     if not sft:
-        grad.scatter_(1, topk_ids, grads[0] + top_exp * (alpha / total).unsqueeze(1))
+        # Added, not written: a repeated id (empty slot, zero gradient) must not overwrite
+        # its first slot. The buffer is zero on the ids.
+        grad.scatter_add_(1, topk_ids, grads[0] + top_exp * (alpha / total).unsqueeze(1))
     if alpha > 0.0:
         grad.scatter_add_(1, labels.unsqueeze(1), torch.full_like(ce, -alpha).unsqueeze(1))
     return loss, kd, ce, grad
@@ -133,7 +168,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """sum over positions of the loss; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, teacher, spec):
+    def forward(ctx, hidden, weight, labels, topk_ids, teacher, tail_entropy, empty, tail, spec):
         vocab = spec.vocab_size
         dtype = _compute_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -150,8 +185,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 logits = (h @ head.T).float()
                 ids = None if topk_ids is None else topk_ids[start:end]
                 target = None if teacher is None else teacher[start:end]
+                spread = None if tail_entropy is None else tail_entropy[start:end]
+                unused = None if empty is None else empty[start:end]
                 loss, kd, ce, grad_logits = head_chunk(
-                    logits, labels[start:end], ids, target, spec, want_grad=need_h or need_w
+                    logits,
+                    labels[start:end],
+                    ids,
+                    target,
+                    spec,
+                    need_h or need_w,
+                    spread,
+                    unused,
+                    tail,
                 )
                 if grad_logits is not None:
                     grad_logits = grad_logits.to(dtype)
@@ -176,7 +221,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def chunked_head_loss(
@@ -195,12 +240,65 @@ def chunked_head_loss(
     are ignored and get zero gradient); ``labels`` [N]; the teacher's ``topk_ids`` [N, k],
     raw ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] (None for ``sft``). The loss is
     a sum so that the caller can normalize by the tokens of a whole optimizer step.
+    At T != 1 the tail bucket is softened as a Zipf tail (``losses.zipf_tail_entropy``).
     """
-    teacher = None
+    teacher = tail_entropy = None
     if spec.loss != "sft" and topk_ids is not None:
         tail = spec.tail_for(topk_ids.shape[-1])
-        teacher = teacher_log_probs(topk_logprobs, tail_logprob, spec.temperature, tail)
-    return _ChunkedHeadLoss.apply(hidden, weight, labels, topk_ids, teacher, spec)
+        if tail == "bucket" and spec.temperature != 1.0:
+            tail_entropy = zipf_tail_entropy(
+                topk_logprobs, tail_logprob, spec.vocab_size, spec.temperature
+            )
+        teacher = teacher_log_probs(
+            topk_logprobs, tail_logprob, spec.temperature, tail, tail_entropy
+        )
+    return _ChunkedHeadLoss.apply(
+        hidden, weight, labels, topk_ids, teacher, tail_entropy, None, None, spec
+    )
+
+
+def union_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    score_ids: torch.Tensor,
+    score_logprobs: torch.Tensor,
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The on-policy (GKD) loss: the divergence on the union of the teacher's top-k and
+    the student's own ids, plus one tail bucket per side; summed over N positions.
+
+    Per position that predicts a token of a sequence the student sampled:
+
+    - ``hidden`` [N, H]: the student's final hidden states there (as for
+      ``chunked_head_loss``; the head is run in chunks, never [N, V]);
+    - ``weight`` [logit width, H]: its output head;
+    - ``labels`` [N]: the sampled tokens (used only by the hard-label term, ``alpha``);
+    - ``topk_ids`` [N, k] int64, ``topk_logprobs`` [N, k] float: the teacher's top-k and
+      its raw T=1 log-probs, as ``POST /v1/score`` returns them;
+    - ``score_ids`` [N, s] int64: the ids the student chose, usually its own top-s at that
+      position (``score_ids`` of the score request), ``score_logprobs`` [N, s]: the
+      teacher's exact T=1 log-probs at them. Ids may repeat ``topk_ids``.
+    - ``spec``: ``loss`` (reverse_kl and jsd are the usual on-policy choices; forward_kl
+      and tvd work too; not sft), ``beta``, ``temperature``, ``alpha``, ``chunk_size``,
+      ``vocab_size``. ``spec.tail`` is not used: the rest of the mass is always a bucket.
+
+    Returns (summed loss, [divergence sum, CE sum]) like ``chunked_head_loss``, so the
+    caller normalizes by the target tokens of its optimizer step the same way. The
+    teacher side is ``losses.union_teacher_log_probs``; where the student's mass lies in
+    the union (its top-s holds nearly all of it) reverse KL is the exact full-vocabulary
+    reverse KL.
+    """
+    if spec.loss == "sft":
+        raise ValueError("the on-policy loss needs a divergence; 'sft' has none")
+    ids, empty, teacher, tail_entropy = union_teacher_log_probs(
+        topk_ids, topk_logprobs, score_ids, score_logprobs, spec.vocab_size, spec.temperature
+    )
+    return _ChunkedHeadLoss.apply(
+        hidden, weight, labels, ids, teacher, tail_entropy, empty, "bucket", spec
+    )
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ import numpy as np
 from distillcache.shared.manifest import DatasetError
 from distillcache.shared.reader import RowGroupRef, ShardDataset, decode_table
 
+from .teacher_check import check_teacher_rows
+
 
 @dataclass
 class Example:
@@ -125,6 +127,7 @@ class ShardSource:
                 f"{self.dataset.root / unit.shard}: row group {unit.index} has top-k ids at or "
                 f"past the vocabulary size {self.info.vocab_size} (padded logit rows)"
             )
+        check_teacher_rows(batch, f"{self.dataset.root / unit.shard}: row group {unit.index}")
         examples = []
         for i in range(len(batch)):
             prompt, completion = batch.row_prompt(i), batch.row_completion(i)
