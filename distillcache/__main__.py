@@ -1,5 +1,5 @@
 """`python -m distillcache` is the `distill` command (used where the script is not on PATH)."""
 
-from distillcache.cli import app
+from distillcache.cli import main
 
-app()
+main()

@@ -1,14 +1,25 @@
-"""The `distill` command: one entry point; each command's logic lives with its part."""
+"""The `distill` command: one entry point; each command's logic lives with its part.
+
+``main`` is what the `distill` script runs. Expected errors (a bad path, a dataset made
+differently, a tokenizer mismatch, a malformed file: ``ValueError`` and ``OSError`` and
+their kin) print one line, ``error: ...``, and exit 1; usage errors exit 2; Ctrl-C says
+how to resume and exits 130. ``--debug`` (or ``DISTILL_DEBUG=1``) shows the traceback
+instead.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from distillcache import __version__
 from distillcache.services.teacher.cli import cache, serve
 from distillcache.shared.cli import inspect, verify
+from distillcache.shared.manifest import DatasetError
 from distillcache.trainer.cli import train
 
 app = typer.Typer(
@@ -21,10 +32,32 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_show_locals=False,
     # Markdown joins the lines of a docstring paragraph, as a reader expects.
     rich_markup_mode="markdown",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"distill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks (or set DISTILL_DEBUG=1).")
+    ] = False,
+) -> None:
+    # The options are handled by their callbacks (--version) and by main (--debug).
+    del version, debug
+
 
 app.command(rich_help_panel="Datasets")(inspect)
 app.command(rich_help_panel="Datasets")(verify)
@@ -52,3 +85,35 @@ def demo(
     from distillcache.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out_dir=out_dir, cache_dir=cache_dir, steps=steps))
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in (str(error) or type(error).__name__).splitlines()]
+    return "; ".join(line for line in lines if line)
+
+
+def _resume_hint(args: list[str]) -> str:
+    if args[:1] == ["train"]:
+        return "interrupted; rerun with --resume auto to go on from the last checkpoint"
+    return "interrupted; what was stored is kept: run the same command to resume"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `distill` script: run the command, turning expected errors into one line.
+
+    typer (standalone) prints usage errors itself (exit 2) and turns Ctrl-C into exit 130;
+    every other exception reaches this function.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
+    try:
+        app(args, prog_name="distill")
+    except SystemExit as e:
+        if e.code == 130:
+            typer.echo(_resume_hint(args), err=True)
+        raise
+    except (ValueError, OSError, LookupError, DatasetError) as e:
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(e)} (--debug shows the traceback)", err=True)
+        sys.exit(1)

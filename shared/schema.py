@@ -241,6 +241,7 @@ class DatasetInfo(BaseModel):
             "logprobs_mode",
             "backend",
             "dtype",
+            "sampling",
         }
         if self.teacher_revision == "unknown":
             fields.add("teacher_model")

@@ -43,15 +43,23 @@ log = logging.getLogger(__name__)
 BackendLoader = Callable[[], Awaitable[TeacherBackend]]
 
 
-def create_app(settings: TeacherSettings, load_backend: BackendLoader) -> FastAPI:
-    """The service for ``settings``; ``load_backend`` is awaited in the background at startup."""
+def create_app(
+    settings: TeacherSettings,
+    load_backend: BackendLoader,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The service for ``settings``; ``load_backend`` is awaited in the background at startup.
+
+    When loading fails the app answers 503 with the error; ``on_load_failure`` (what
+    `distill serve` passes) is called with it, to stop the server instead: a teacher that
+    cannot load is a start-up failure an operator or orchestrator must see."""
     settings.data_root.mkdir(parents=True, exist_ok=True)
     state = AppState(settings, ServiceMetrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = [
-            asyncio.create_task(_start(state, load_backend)),
+            asyncio.create_task(_start(state, load_backend, on_load_failure)),
             asyncio.create_task(_tick(state)),
         ]
         try:
@@ -83,13 +91,17 @@ def create_app(settings: TeacherSettings, load_backend: BackendLoader) -> FastAP
     return app
 
 
-async def _start(state: AppState, load_backend: BackendLoader) -> None:
+async def _start(
+    state: AppState, load_backend: BackendLoader, on_failure: Callable[[str], None] | None
+) -> None:
     """Load the backend, build the runtime, resume the jobs a previous server left."""
     try:
         state.runtime = await build_runtime(state.settings, await load_backend(), state.metrics)
     except Exception as e:
         log.exception("the teacher failed to load")
         state.load_error = f"{type(e).__name__}: {e}"
+        if on_failure is not None:
+            on_failure(state.load_error)
         return
     resumed = state.runtime.manager.resume_unfinished()
     if resumed:

@@ -61,13 +61,26 @@ def _valid(model: type[BaseModel], values: dict[str, Any]) -> Any:
 def serve(**flags: Any) -> None:
     import uvicorn
 
+    from distillcache import preflight
+
     from .app import create_app
     from .runtime import open_backend
     from .server import server_config
 
     settings = _valid(TeacherSettings, given(flags))
-    app = create_app(settings, lambda: open_backend(settings))
-    uvicorn.Server(server_config(app, settings)).run()
+    preflight.model_ref(settings.model, "--model")
+    preflight.writable(settings.data_root, "--data-root")
+    failures: list[str] = []
+
+    def stop(error: str) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, lambda: open_backend(settings), on_load_failure=stop)
+    server = uvicorn.Server(server_config(app, settings))
+    server.run()
+    if failures:
+        raise ValueError(f"the teacher {settings.model} failed to load: {failures[0]}")
 
 
 serve.__doc__ = f"""Run the teacher service: generate, score, batch jobs and datasets over HTTP.
@@ -83,9 +96,12 @@ def cache(
     teacher: str,
     out: Path,
     k: int | None = None,
+    max_failures: int = 0,
     **flags: Any,
 ) -> None:
     from rich.console import Console
+
+    from distillcache import preflight
 
     from .store import check_dataset_name
 
@@ -107,7 +123,23 @@ def cache(
             "data_root": out.parent,
         },
     )
-    job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
+    # Everything that can be checked before the teacher loads.
+    preflight.input_file(input)
+    preflight.model_ref(teacher, "--teacher")
+    vocab = preflight.vocab_size(teacher)
+    if vocab is not None and settings.default_k > vocab:
+        raise ValueError(f"--k {settings.default_k}: the teacher's vocabulary has {vocab} tokens")
+    preflight.writable(out, "--out")
+    _check_existing_dataset(out, settings, sampling)
+    console.print(
+        f"data root {out.parent} (its other datasets serve as cache; state in "
+        f"{out.parent / '.distill'})"
+    )
+    created = not out.exists()
+    try:
+        job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
+    finally:
+        _remove_if_empty(out, created)
     p = job.progress
     for error in job.errors:
         console.print(f"[yellow]{input}:{error.line}:[/yellow] {error.message}")
@@ -121,6 +153,50 @@ def cache(
     if job.state != "done":
         console.print(f"[red]error:[/red] {job.message}")
         raise typer.Exit(1)
+    if p.rows_failed > max_failures:
+        console.print(
+            f"[red]error:[/red] {p.rows_failed} rows failed (--max-failures {max_failures})"
+        )
+        raise typer.Exit(1)
+
+
+def _check_existing_dataset(out: Path, settings: TeacherSettings, sampling: Sampling) -> None:
+    """One dataset, one set of settings: a rerun with another k, codec or sampling would
+    mix rows made differently under metadata that names only the first."""
+    from distillcache.shared.manifest import DatasetError, read_manifest
+
+    try:
+        info = read_manifest(out).info
+    except DatasetError:
+        return  # no dataset yet, or one the writer will refuse with its own message
+    wanted = {"k": settings.default_k, "logprob_codec": settings.logprob_codec}
+    stored = {"k": info.k, "logprob_codec": info.logprob_codec}
+    if info.sampling is not None:
+        wanted.update(sampling.model_dump())
+        stored.update(info.sampling.model_dump())
+    differs = [f"{n} {stored[n]} (now {wanted[n]})" for n in wanted if wanted[n] != stored[n]]
+    if differs:
+        raise ValueError(
+            f"--out {out}: this dataset was made with {', '.join(differs)}; "
+            "use a new --out for other settings"
+        )
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A dataset this command created and published nothing into is removed again, so a
+    failed first run leaves nothing that fixes k or the teacher for the next."""
+    import shutil
+
+    from distillcache.shared.manifest import DatasetError, read_manifest
+
+    if not created or not out.is_dir():
+        return
+    try:
+        empty = not read_manifest(out).shards
+    except DatasetError:
+        empty = not any(out.glob("*.parquet"))
+    if empty:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 cache.__doc__ = """Run the teacher over every row of INPUT into the dataset OUT, without HTTP.
@@ -171,6 +247,19 @@ cache.__signature__ = inspect.Signature(
                 typer.Option(
                     help="Top-k log-probs stored per position "
                     f"[default: {TeacherSettings.model_fields['default_k'].default}]."
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "max_failures",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=0,
+            annotation=Annotated[
+                int,
+                typer.Option(
+                    min=0,
+                    help="Rows that may fail (bad JSON, no prompt, too long) before the "
+                    "command exits 1; they are reported by line either way.",
                 ),
             ],
         ),
