@@ -10,7 +10,7 @@ import yaml
 from trainer_support import task_tokenizer, tiny_model, write_teacher_shards
 from typer.testing import CliRunner
 
-from distillcache.cli import app
+from distillcache.cli import app, main
 from distillcache.shared.tiny_models import synthetic_task_rows
 from distillcache.trainer.cli import config_flags, train
 from distillcache.trainer.config import TrainConfig, load_config
@@ -100,3 +100,49 @@ def test_distill_train_runs_from_a_config_file_with_a_flag_overriding_it(world, 
     assert saved["max_steps"] == 2 and saved["loss"] == "tvd" and saved["batch_size"] == 4
     assert (out / "model.safetensors").exists() and (out / "checkpoint-2").is_dir()
     assert list((out / "tb").iterdir())
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """The `distill` script's own entry point, in-process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_an_output_dir_holding_a_run_needs_resume_or_overwrite(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(world["shards"]), "--student", str(world["student"])]
+    args += ["--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--no-progress"]
+    args += ["--no-tensorboard"]
+    assert run_main(args, capsys)[0] == 0
+    first = (out / "metrics.jsonl").read_text()
+
+    code, err = run_main(args, capsys)
+    assert code == 1
+    [line] = [x for x in err.splitlines() if x.strip()]
+    assert line.startswith("error: --output-dir") and "--resume auto" in line
+    assert (out / "metrics.jsonl").read_text() == first, "the refused run touched the old one"
+
+    assert run_main([*args, "--overwrite"], capsys)[0] == 0
+    assert (out / "metrics.jsonl").read_text().count('"step"') == first.count('"step"')
+
+
+def test_mistakes_are_named_before_the_student_loads(world, tmp_path, capsys):
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(json.dumps({"question": "1 + 1?", "teacher_solution": "2"}) + "\n")
+    base = ["train", "--output-dir", str(tmp_path / "r")]
+    cases = {
+        "no such directory": ["--data", str(world["shards"]), "--student", "./nope"],
+        "only --loss sft trains on it": ["--data", str(seed), "--student", str(world["student"])],
+        "no such seed file or dataset": [
+            "--data",
+            str(tmp_path / "missing"),
+            "--student",
+            str(world["student"]),
+        ],
+    }
+    for expected, args in cases.items():
+        code, err = run_main([*base, *args], capsys)
+        assert code == 1 and expected in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()

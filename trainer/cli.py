@@ -46,8 +46,54 @@ def train(config: Path | None = None, **flags: Any) -> None:
         raise typer.BadParameter(problems) from None
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
+    _preflight(settings)
     result = run_training(settings)
     typer.echo(f"saved {result}")
+
+
+def _preflight(settings: TrainConfig) -> None:
+    """What can be checked before the student loads (a ValueError, printed as one line)."""
+    from distillcache import preflight
+
+    from .seq_kd import is_seed_file
+
+    preflight.model_ref(settings.student, "--student")
+    for flag_name, path in (("--data", settings.data), ("--eval-data", settings.eval_data)):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{flag_name} {path}: no such seed file or dataset directory")
+    if is_seed_file(settings.data) and settings.loss != "sft":
+        raise ValueError(
+            f"--data {settings.data} is a seed file: it holds the teacher's text but no "
+            f"log-probs, so only --loss sft trains on it (run `distill cache` over it for "
+            f"--loss {settings.loss})"
+        )
+    preflight.writable(Path(settings.output_dir), "--output-dir")
+    _claim_output_dir(settings)
+
+
+def _claim_output_dir(settings: TrainConfig) -> None:
+    """A run never silently lands on another: an --output-dir holding a run needs --resume
+    (continue it) or --overwrite (start over); one holding other files is refused.
+    Under torchrun only rank 0 decides, before the process group forms."""
+    import os
+    import shutil
+
+    out = Path(settings.output_dir)
+    if settings.resume is not None or os.environ.get("RANK", "0") != "0":
+        return
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "train_config.json").is_file():
+        raise ValueError(
+            f"--output-dir {out}: holds files that are not a distill run; choose an empty "
+            "or new directory"
+        )
+    if not settings.overwrite:
+        raise ValueError(
+            f"--output-dir {out}: already holds a run; --resume auto continues it, "
+            "--overwrite starts over"
+        )
+    shutil.rmtree(out)
 
 
 train.__doc__ = HELP

@@ -107,6 +107,11 @@ class TrainConfig(BaseModel):
     resume: str | None = Field(
         None, description="Resume from a checkpoint directory, or 'auto' for the latest one."
     )
+    overwrite: bool = Field(
+        False,
+        description="Start over in an --output-dir that already holds a run (its checkpoints, "
+        "metrics and model are deleted); without it, such a directory needs --resume.",
+    )
     stop_at_step: int | None = Field(
         None,
         gt=0,
