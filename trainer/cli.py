@@ -8,6 +8,7 @@ file's value survives unless a flag overrides it.
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,8 +48,48 @@ def train(config: Path | None = None, **flags: Any) -> None:
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     _preflight(settings)
+    # transformers' own loading bars would interleave with the training progress bar.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    began = time.monotonic()
     result = run_training(settings)
-    typer.echo(f"saved {result}")
+    _summary(settings, result, time.monotonic() - began)
+
+
+def _summary(settings: TrainConfig, result: Path, seconds: float) -> None:
+    """The run in a few lines: what it did, where it ended, where everything is."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Path(settings.output_dir)
+    metrics = out / "metrics.jsonl"
+    records = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    )
+    train = next((r for r in reversed(records) if "train/loss" in r), {})
+    evals = next((r for r in reversed(records) if "eval/kl" in r), {})
+    table = Table(show_header=False, box=None, pad_edge=False)
+    rows = [
+        ("steps", str(train.get("step", "-"))),
+        ("last training loss", f"{train['train/loss']:.4f}" if train else "-"),
+        ("held-out KL to the teacher", f"{evals['eval/kl']:.4f} nats/token" if evals else "-"),
+        ("held-out top-1 agreement", f"{evals['eval/top1']:.3f}" if evals else "-"),
+        ("held-out tokens", f"{int(evals['eval/tokens']):,}" if evals else "-"),
+        ("time", f"{seconds:.0f} s"),
+        ("model", str(result)),
+        (
+            "metrics",
+            f"{metrics} (and TensorBoard in {out / 'tb'})"
+            if settings.tensorboard
+            else str(metrics),
+        ),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(stderr=True).print(table)
 
 
 def _preflight(settings: TrainConfig) -> None:

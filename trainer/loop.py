@@ -193,6 +193,17 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         TimeRemainingColumn(),
         disable=not (env.main and config.progress),
     )
+
+    def report_eval(at: int) -> None:
+        """Evaluate, log, and show the figures on the terminal (above the progress bar)."""
+        values = run_eval()
+        log.write(at, values)
+        if env.main:
+            progress.console.print(
+                f"step {at}: held-out KL {values['eval/kl']:.4f} nats/token, top-1 "
+                f"agreement {values['eval/top1']:.3f}, CE {values['eval/ce']:.3f}"
+            )
+
     result = out
     with progress:
         task = progress.add_task("train", total=config.max_steps, completed=step, info="")
@@ -241,14 +252,14 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
                 last_log = now
             progress.update(task, completed=step)
             if has_eval and config.eval_every and step % config.eval_every == 0:
-                log.write(step, run_eval())
+                report_eval(step)
                 evaluated_at = step
             if config.save_every and step % config.save_every == 0:
                 result = checkpoint()
                 saved_at = step
 
     if step == config.max_steps and has_eval and evaluated_at != step:
-        log.write(step, run_eval())
+        report_eval(step)
     if saved_at != step:
         result = checkpoint()
     if step == config.max_steps:
