@@ -245,6 +245,7 @@ cache.__signature__ = inspect.Signature(
             annotation=Annotated[
                 int | None,
                 typer.Option(
+                    min=1,
                     help="Top-k log-probs stored per position "
                     f"[default: {TeacherSettings.model_fields['default_k'].default}]."
                 ),
