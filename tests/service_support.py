@@ -122,7 +122,12 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict[
 
 def metric(client: httpx.Client, name: str) -> float:
     """A counter's value from /metrics (0 when it has no sample yet)."""
-    for line in client.get("/metrics").text.splitlines():
+    return metric_value(client.get("/metrics").text, name)
+
+
+def metric_value(exposition: str, name: str) -> float:
+    """A sample's value in Prometheus text (0 when it has none yet)."""
+    for line in exposition.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from service_support import metric_value
 
 from distillcache.services.teacher.backend import Query
 from distillcache.services.teacher.identity import model_revision
@@ -39,10 +40,7 @@ SAMPLED = Sampling(max_tokens=4, temperature=1.0, top_p=0.9, seed=1)
 
 
 def teacher_runs(metrics: ServiceMetrics) -> int:
-    for line in metrics.exposition().decode().splitlines():
-        if line.startswith("distill_teacher_sequences_total "):
-            return int(float(line.split()[1]))
-    return 0
+    return int(metric_value(metrics.exposition().decode(), "distill_teacher_sequences_total"))
 
 
 def with_runtime(settings: TeacherSettings, scenario: Callable[[Runtime], Awaitable[Any]]) -> Any:

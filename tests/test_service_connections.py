@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-from service_support import metric, thread_server
+from service_support import metric, metric_value, thread_server
 
 from distillcache.services.teacher.settings import TeacherSettings
 
@@ -57,7 +57,7 @@ def test_a_client_that_disconnects_while_queued_frees_its_place(
                 )
                 # Its cache miss is counted on the event loop just before it is queued.
                 miss = 'distill_cache_lookups_total{result="miss"}'
-                while metric_of(await client.get("/metrics"), miss) < 1:
+                while metric_value((await client.get("/metrics")).text, miss) < 1:
                     await asyncio.sleep(0.01)
                 quitters = [
                     client.post(
@@ -77,10 +77,3 @@ def test_a_client_that_disconnects_while_queued_frees_its_place(
             assert metric(client, "distill_teacher_sequences_total") == 1
             closed = 'distill_requests_total{route="/v1/generate",status="499"}'
             assert metric(client, closed) == 4
-
-
-def metric_of(response: httpx.Response, name: str) -> float:
-    for line in response.text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
