@@ -207,7 +207,7 @@ def test_the_reference_backend_stores_float64_exact_log_probs_and_tails(settings
     logits, rounded once to float32, and the tail computed from the float64 values."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillcache.services.teacher.backend_transformers import CPU_GQA_ATTENTION
+    from distillcache.services.teacher.cpu_attention import CPU_GQA_ATTENTION
 
     query = Query("score", PROMPT, 64, completion_ids=COMPLETION)
 

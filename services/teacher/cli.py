@@ -247,7 +247,7 @@ cache.__signature__ = inspect.Signature(
                 typer.Option(
                     min=1,
                     help="Top-k log-probs stored per position "
-                    f"[default: {TeacherSettings.model_fields['default_k'].default}]."
+                    f"[default: {TeacherSettings.model_fields['default_k'].default}].",
                 ),
             ],
         ),
