@@ -237,3 +237,23 @@ def test_the_reference_backend_stores_float64_exact_log_probs_and_tails(settings
     assert (single.numpy() != record.topk_logprobs).any(), "float32 would pass: no test"
     tail = torch.log(-torch.expm1(torch.logsumexp(top, -1)))
     np.testing.assert_array_equal(record.tail_logprob, tail.float().numpy())
+
+
+def test_a_damaged_live_dataset_costs_storing_not_the_answer(settings):
+    """A torn manifest under the live dataset: the teacher's answers are still returned
+    (unstored, counted), not discarded with a 500."""
+    from distillcache.shared.manifest import MANIFEST
+
+    async def scenario(rt: Runtime) -> None:
+        live = rt.store.data_root / rt.store.identity.live_dataset(BASE_SCORE.k)
+        live.mkdir(parents=True)
+        (live / MANIFEST).write_text('{"torn": ')
+        [answer] = await rt.service.answer([BASE_SCORE])
+        assert answer.dataset is None and not answer.cached
+        assert answer.record.topk_ids.shape == (len(COMPLETION), BASE_SCORE.k)
+        failures = metric_value(
+            rt.service.metrics.exposition().decode(), "distill_store_failures_total"
+        )
+        assert failures == 1
+
+    with_runtime(settings, scenario)

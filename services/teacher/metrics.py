@@ -55,6 +55,11 @@ class ServiceMetrics:
             "HTTP requests waiting for the teacher.",
             registry=self.registry,
         )
+        self.store_failures = Counter(
+            "distill_store_failures",
+            "Answers the teacher produced that could not be stored (answered unstored).",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "distill_batch_sequences",
             "Sequences per backend call.",

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from distillcache.shared.keys import cache_key
+from distillcache.shared.manifest import DatasetError
 from distillcache.shared.record import SequenceRecord
 
 from .backend import Query, TeacherBackend, TeacherOutput
@@ -22,6 +24,8 @@ from .batcher import Batcher
 from .limits import Limits
 from .metrics import ServiceMetrics
 from .store import Answer, TeacherStore
+
+log = logging.getLogger(__name__)
 
 CacheMode = Literal["read-write", "read", "bypass"]
 
@@ -166,8 +170,15 @@ class TeacherService:
             if a.dataset is None:
                 by_k.setdefault(a.record.topk_ids.shape[1], []).append(a)
         for k, group in by_k.items():
-            name = await asyncio.to_thread(self.store.open_live_dataset, k)
-            await asyncio.to_thread(self.store.put, name, [a.record for a in group])
+            try:
+                name = await asyncio.to_thread(self.store.open_live_dataset, k)
+                await asyncio.to_thread(self.store.put, name, [a.record for a in group])
+            except (DatasetError, OSError) as e:
+                # The teacher's answers are right; only keeping them failed (a damaged or
+                # full dataset). Answer them unstored (dataset null) rather than discard them.
+                log.error("could not store %d answers of k=%d: %s", len(group), k, e)
+                self.metrics.store_failures.inc(len(group))
+                continue
             for a in group:
                 a.dataset = name
 
