@@ -1,4 +1,4 @@
-"""End to end: TRL's ServerDistillationTrainer trains a tiny student against distillcache.
+"""End to end: TRL's ServerDistillationTrainer trains a tiny student against `distill serve`.
 
 The trainer generates on-policy completions with the student (seeded), asks the teacher
 server for their top-k log-probs through ``VLLMClient.get_sequence_logprobs``, and steps.
@@ -8,10 +8,11 @@ teacher must run 0 times: ``distill_teacher_tokens_total`` does not move.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 from datasets import Dataset
-from service_support import metric
+from service_support import metric, serve_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillcache.shared.tiny_models import build_tiny_model
@@ -19,7 +20,6 @@ from distillcache.shared.tiny_models import build_tiny_model
 server_distillation = pytest.importorskip("trl.experimental.server_distillation")
 
 pytestmark = pytest.mark.slow
-SERVER_SETTINGS = {"logprob_codec": "float32", "max_k": 8, "default_k": 8}
 PROMPTS = ["What is 17 + 25?", "How many apples does Tom have?", "Name a quick animal."]
 
 
@@ -69,17 +69,33 @@ def train(server_url: str, student_dir, out_dir) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 
-def test_a_second_identical_run_costs_no_teacher_tokens(server, client, student_dir, tmp_path):
+@pytest.fixture(scope="module")
+def served(teacher_model, tmp_path_factory):
+    """`distill serve` over the tiny teacher, as a user starts it for TRL."""
+    data = tmp_path_factory.mktemp("served")
+    args = ["--model", str(teacher_model), "--data-root", str(data / "data")]
+    args += ["--logprob-codec", "float32", "--max-k", "8", "--default-k", "8"]
+    with serve_process(args, data / "serve.log") as (url, _):
+        yield url
+
+
+@pytest.fixture
+def client(served):
+    with httpx.Client(base_url=served, timeout=60) as c:
+        yield c
+
+
+def test_a_second_identical_run_costs_no_teacher_tokens(served, client, student_dir, tmp_path):
     before = {
         k: v.clone()
         for k, v in AutoModelForCausalLM.from_pretrained(student_dir).state_dict().items()
     }
-    first = train(server.url, student_dir, tmp_path / "run1")
+    first = train(served, student_dir, tmp_path / "run1")
     assert any(not torch.equal(first[k], before[k]) for k in before), "the student trained"
     teacher_tokens = metric(client, "distill_teacher_tokens_total")
     assert teacher_tokens > 0
 
-    second = train(server.url, student_dir, tmp_path / "run2")
+    second = train(served, student_dir, tmp_path / "run2")
     assert metric(client, "distill_teacher_tokens_total") == teacher_tokens
     assert metric(client, "distill_cache_tokens_total") > 0
     for k in first:
