@@ -11,6 +11,7 @@ in test_dropin_openai.py and below with a second server).
 
 from __future__ import annotations
 
+import base64
 import math
 
 import httpx
@@ -30,7 +31,7 @@ SERVER_SETTINGS = {
     "max_k": 8,
     "default_k": 8,
     "logprobs_mode": "processed_logprobs",
-    "completions_dataset": DATASET,
+    "dropin_dataset": DATASET,
 }
 ATOL = 1e-5
 TEXTS = ["What is 17 + 25? The answer is 42.", "Tom has 3 apples and buys 4 more."]
@@ -159,3 +160,87 @@ def test_with_auth_on_the_client_is_refused(teacher_model, tmp_path):
 def test_nan_free_answers(trl_client, sequences):
     got = trl_client.get_sequence_logprobs(sequences, [1, 1], top_logprobs=8)
     assert all(math.isfinite(v) for row in got["logprobs"] for pos in row for v in pos)
+
+
+# The older `trl vllm-serve` server's endpoints: the bodies its client sent, field for field
+# (that client is not in the installed TRL, which talks to /v1/completions instead).
+
+
+def old_sequence_logprobs(client, sequences, prompt_lengths, k, response_format):
+    body = {
+        "sequences": sequences,
+        "prompt_lengths": prompt_lengths,
+        "top_logprobs": k,
+        "temperature": 1.0,
+        "response_format": response_format,
+    }
+    r = client.post("/get_sequence_logprobs/", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_old_get_sequence_logprobs_json_and_binary_equal_score(client, sequences):
+    k, prompt_lengths = 4, [5, 0]
+    as_json = old_sequence_logprobs(client, sequences, prompt_lengths, k, "json")
+    runs = metric(client, "distill_teacher_sequences_total")
+    binary = old_sequence_logprobs(client, sequences, prompt_lengths, k, "binary")
+    assert metric(client, "distill_teacher_sequences_total") == runs
+    shape = binary["shape"]
+    assert binary["completion_lengths"] == [
+        len(s) - p for s, p in zip(sequences, prompt_lengths, strict=True)
+    ]
+    assert shape == [2, max(binary["completion_lengths"]), k]
+
+    def array(name, dtype, width):
+        flat = np.frombuffer(base64.b64decode(binary[name]), dtype=dtype)
+        return flat.reshape(shape[0], shape[1], width)
+
+    top = array("logprobs_b64", np.float32, k)
+    top_ids = array("token_ids_b64", np.int32, k)
+    actual = array("actual_logprobs_b64", np.float32, 1)
+    actual_ids = array("actual_token_ids_b64", np.int32, 1)
+    for b, (seq, p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        ref = score(client, seq, k)
+        rows, ids = as_json["logprobs"][b], as_json["logprob_token_ids"][b]
+        assert len(rows) == len(seq) - p
+        if p == 0:  # position 0 has no distribution: empty there, padding in binary
+            assert rows[0] == [] and ids[0] == [] and np.all(np.isneginf(top[b, 0]))
+        first = max(p, 1)
+        for j in range(first, len(seq)):
+            t, s = j - p, j - 1
+            assert ids[t][:k] == ref["topk_ids"][s] == top_ids[b, t].tolist()
+            np.testing.assert_allclose(rows[t][:k], ref["topk_logprobs"][s], atol=ATOL)
+            np.testing.assert_allclose(top[b, t], ref["topk_logprobs"][s], atol=ATOL)
+            assert actual_ids[b, t, 0] == seq[j]
+            np.testing.assert_allclose(actual[b, t, 0], ref["token_logprob"][s], atol=ATOL)
+            if seq[j] not in ref["topk_ids"][s]:  # vLLM adds the actual token, ranked last
+                assert ids[t][k] == seq[j] and len(ids[t]) == k + 1
+
+
+def test_old_generate_equals_the_new_clients(client, trl_client, sequences):
+    body = {
+        "prompts": [sequences[0]],
+        "n": 1,
+        "repetition_penalty": 1.0,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "max_tokens": 4,
+        "logprobs": 2,
+        "structured_outputs_regex": None,
+        "generation_kwargs": {},
+    }
+    r = client.post("/generate/", json=body)
+    assert r.status_code == 200, r.text
+    new = trl_client.generate([sequences[0]], max_tokens=4, temperature=0.0, logprobs=2)
+    assert r.json() == new
+    runs = metric(client, "distill_teacher_sequences_total")
+    assert client.post("/generate/", json=body).json() == new
+    assert metric(client, "distill_teacher_sequences_total") == runs
+    refused = client.post("/generate/", json={**body, "n": 2, "min_p": 0.1})
+    assert refused.status_code == 422 and "n, min_p" in refused.json()["message"]
+
+
+def test_old_server_probe(server):
+    assert httpx.get(server.url + "/health/").json() == {"status": "ok"}

@@ -9,7 +9,7 @@ declared (``Content-Length``) or found (chunked) larger than ``max_body_bytes`` 
 naming the limit and its setting.
 
 Every path is gated except ``OPEN_PATHS``: the probes (``/healthz``, ``/readyz`` and
-vLLM's ``/health``, which TRL waits on), ``/metrics`` and the docs, for orchestrators.
+vLLM's ``/health`` and the older TRL server's ``/health/``, which TRL waits on), ``/metrics`` and the docs, for orchestrators.
 Gating all the rest, rather than listing what to protect, covers the foreign protocols'
 paths outside ``/v1`` (TRL's weight-sync endpoints) and any route added later.
 """
@@ -23,8 +23,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc"}
-    | {"/openapi.json"}
+    {"/healthz", "/readyz", "/health", "/health/", "/metrics", "/openapi.json"}
+    | {"/docs", "/docs/oauth2-redirect", "/redoc"}
 )
 
 

@@ -204,8 +204,8 @@ def completion_response(
     it = iter(answers)
     choices, n_prompt, n_completion = [], 0, 0
     for i, plan in enumerate(plans):
-        scored = _Positions.of(next(it), wire, temperature) if plan.score else None
-        drawn = _Positions.of(next(it), wire, temperature) if plan.generate else None
+        scored = Positions.of(next(it), wire, temperature) if plan.score else None
+        drawn = Positions.of(next(it), wire, temperature) if plan.generate else None
         choices.append(_choice(i, body, plan, scored, drawn, wire))
         n_prompt += len(plan.prompt_ids)
         n_completion += len(drawn.ids) if drawn else 0
@@ -224,7 +224,7 @@ def completion_response(
 
 
 @dataclass
-class _Positions:
+class Positions:
     """One answer's scored positions as the client will see them: ``ids`` the actual tokens,
     ``top_ids``/``top`` [n, k] most likely first, ``actual`` [n] (NaN: not stored), after
     the codec and the temperature."""
@@ -236,7 +236,7 @@ class _Positions:
     finish_reason: str | None
 
     @classmethod
-    def of(cls, answer: Answer, wire: Wire, temperature: float) -> _Positions:
+    def of(cls, answer: Answer, wire: Wire, temperature: float) -> Positions:
         r = AnswerResponse.of(answer, wire.codec)
         seq = r.prompt_ids + r.completion_ids
         top = np.asarray(r.topk_logprobs, dtype=np.float64)
@@ -267,13 +267,18 @@ class _Positions:
         first = inside or (token, float(self.actual[j]), len(self.top_ids[j]) + 1)
         return [first] + [e for e in top[:k] if e[0] != token]
 
+    def ranked(self, j: int, k: int) -> list[tuple[int, float]]:
+        """Position ``j``'s (token, logprob) by rank: the top ``k``, then the actual token
+        when it falls outside them."""
+        return [(t, v) for t, v, _ in sorted(self.entries(j, k), key=lambda e: e[2])]
+
 
 def _choice(
     i: int,
     body: CompletionBody,
     plan: Plan,
-    scored: _Positions | None,
-    drawn: _Positions | None,
+    scored: Positions | None,
+    drawn: Positions | None,
     wire: Wire,
 ) -> dict[str, Any]:
     tok = wire.tokenizer
@@ -325,7 +330,7 @@ def _choice(
 
 
 def _rows(
-    positions: _Positions, n: int, k: int, name: Any
+    positions: Positions, n: int, k: int, name: Any
 ) -> list[tuple[int, dict[str, float], float | None]]:
     """OpenAI's per-token logprobs rows: (token, its top-k plus itself, its logprob)."""
     rows = []

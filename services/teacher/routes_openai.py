@@ -7,8 +7,11 @@ and are answered by ``TeacherService.answer`` (same keys, cache, batching and me
 ``/v1/score``); the answer is encoded off the loop, and a client that disconnects
 cancels its work.
 
+``answer_queries`` and ``target_dataset`` are this flow for every foreign protocol
+(routes_trl.py uses them too).
+
 Where answers are stored. By default in the live dataset of their k, as ``/v1/score``'s.
-With a dataset named by the ``X-Distill-Dataset`` header or the ``completions_dataset``
+With a dataset named by the ``X-Distill-Dataset`` header or the ``dropin_dataset``
 setting, in ``<name>-k<k>`` instead (a dataset holds one k; a request asking for
 prompt log-probs and generation log-probs of different k writes two), cached answers
 included, so an online distillation run leaves its teacher's answers behind as shards.
@@ -59,9 +62,7 @@ async def completions(body: CompletionBody, rt: Ready, state: State, request: Re
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"model: {body.model!r} is not served here; use {model!r}"
         )
-    name = request.headers.get(DATASET_HEADER) or settings.completions_dataset
-    if name is not None:
-        name = dataset_name(name, DATASET_HEADER)
+    name = target_dataset(request, settings.dropin_dataset)
     tokenizer = rt.backend.tokenizer
 
     def plans() -> list[Plan]:
@@ -78,16 +79,8 @@ async def completions(body: CompletionBody, rt: Ready, state: State, request: Re
 
     planned = await asyncio.to_thread(plans)
     queries = [q for plan in planned for q in plan.queries()]
-    entries = sum(_entries(q) for q in queries)
-    if entries > settings.max_response_entries:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"the answer would hold {entries:,} log-probs (positions x k); the server sends "
-            f"at most {settings.max_response_entries:,} per request (setting "
-            "max_response_entries): send fewer prompts, smaller logprobs or fewer max_tokens",
-        )
     try:
-        answers = await unless_disconnected(request, _answer(rt, queries, name))
+        answers = await answer_queries(rt, request, queries, settings.max_response_entries, name)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     wire = Wire(settings.logprob_codec, settings.logprobs_mode, tokenizer)
@@ -98,9 +91,32 @@ async def completions(body: CompletionBody, rt: Ready, state: State, request: Re
     return Response(await asyncio.to_thread(encode), media_type="application/json")
 
 
+def target_dataset(request: Request, configured: str | None) -> str | None:
+    """The dataset a foreign protocol's answers go to: the header's, else the setting's."""
+    name = request.headers.get(DATASET_HEADER) or configured
+    return None if name is None else dataset_name(name, DATASET_HEADER)
+
+
+async def answer_queries(
+    rt: Runtime, request: Request, queries: list[Query], max_entries: int, dataset: str | None
+) -> list[Answer]:
+    """The service's answers to ``queries`` (checked), in order, for a foreign protocol's
+    route: 413 beyond ``max_entries`` log-probs before the teacher runs, ClientGone once
+    the client has left."""
+    entries = sum(_entries(q) for q in queries)
+    if entries > max_entries:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"the answer would hold {entries:,} log-probs (positions x k); the server sends "
+            f"at most {max_entries:,} per request (setting max_response_entries): send "
+            "fewer or shorter sequences, or ask for fewer log-probs",
+        )
+    return await unless_disconnected(request, _answer(rt, queries, dataset))
+
+
 async def _answer(rt: Runtime, queries: list[Query], dataset: str | None) -> list[Answer]:
-    """The service's answers to ``queries``, in order; with ``dataset``, stored in
-    ``<dataset>-k<k>`` per k (one ``answer`` call each, since a dataset holds one k)."""
+    """With ``dataset``, answers are stored in ``<dataset>-k<k>`` per k (one ``answer``
+    call each, since a dataset holds one k)."""
     if dataset is None:
         return await rt.service.answer(queries)
     by_k: dict[int, list[int]] = {}
