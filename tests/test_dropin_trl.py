@@ -6,7 +6,9 @@ TRL (1.16) talks to a teacher through vLLM's own server: ``/health``, ``/v1/mode
 ``logprobs_mode: processed_logprobs``, as TRL's docs start vLLM, so a temperature is
 applied; the reference for it is a dense float64 log-softmax of the teacher's logits.
 ``VLLMClient`` sends no bearer token, so auth is off here (its 401 is tested with auth on
-in test_dropin_openai.py and below with a second server).
+in test_dropin_openai.py and below with a second server). The older ``trl vllm-serve``
+endpoints, which the installed TRL no longer calls, are checked by replaying its
+client's request bodies.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Endpoints (JSON; OpenAPI at /docs), one router module per resource:
 routes_teacher.py (``/v1/generate``, ``/v1/score``), routes_jobs.py (``/v1/jobs``),
 routes_datasets.py (``/v1/datasets``), routes_probes.py (``/healthz``, ``/readyz``,
 ``/metrics``); and the foreign protocols, thin adapters over the same service:
-routes_openai.py (vLLM's ``/v1/completions``, ``/v1/models``), routes_trl.py (``/health``
-and TRL's weight-sync paths, 501). Wire models are protocol.py (protocol_openai.py for
-vLLM's); shared dependencies are deps.py.
+routes_openai.py (vLLM's ``/v1/completions``, ``/v1/models``), routes_trl.py (``/health``,
+the older ``trl vllm-serve`` endpoints, TRL's weight-sync paths: 501). Wire models are
+protocol.py (protocol_openai.py and protocol_trl.py for the foreign protocols); shared
+dependencies are deps.py.
 
 The model loads in the background after startup, so /healthz answers at once and /v1
 answers 503 until /readyz does. With an auth token set, every path needs
