@@ -203,3 +203,43 @@ def test_unserved_fields_are_refused_by_name(client, sequences):
     assert r.status_code == 422 and r.json()["message"].startswith("prompt:")
     r = client.post("/v1/completions", json={"model": "other", "prompt": "hi"})
     assert r.status_code == 404 and "other" in r.text
+
+
+def test_axolotl_sglang_request_replayed(client, sequences, tokenizer):
+    """The body axolotl's OnlineTeacherCollator.fetch_online_logprobs_sglang sends, field
+    for field; SGLang answers one object per sequence, top-k as [logprob, id, text]."""
+    k = 3
+    body = {
+        "input_ids": sequences,
+        "return_logprob": True,
+        "top_logprobs_num": k,
+        "logprob_start_len": 0,
+        "return_text_in_logprobs": True,
+        "echo": True,
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": False},
+    }
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    answers = r.json()
+    assert isinstance(answers, list) and len(answers) == len(sequences)
+    for answer, seq in zip(answers, sequences, strict=True):
+        tops = answer["meta_info"]["input_top_logprobs"]
+        # The collator asserts this length and reads [logprob, token_id, text] triples.
+        assert len(tops) == len(seq) and tops[0] is None
+        ref = score(client, seq, k)
+        for j, position in enumerate(tops[1:]):
+            assert [e[1] for e in position] == ref["topk_ids"][j]
+            np.testing.assert_allclose(
+                [e[0] for e in position], ref["topk_logprobs"][j], rtol=0, atol=ATOL
+            )
+            assert [e[2] for e in position] == [tokenizer.decode([t]) for t in ref["topk_ids"][j]]
+        actual = answer["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in actual] == seq
+        np.testing.assert_allclose([e[0] for e in actual[1:]], ref["token_logprob"], atol=ATOL)
+    runs = metric(client, "distill_teacher_sequences_total")
+    assert client.post("/generate", json=body).json() == answers
+    assert metric(client, "distill_teacher_sequences_total") == runs
+    generation = {**body, "sampling_params": {"max_new_tokens": 4}}
+    r = client.post("/generate", json=generation)
+    assert r.status_code == 422 and "max_new_tokens" in r.json()["message"]
+    assert httpx.post(client.base_url.join("/generate"), json=body).status_code == 401

@@ -5,9 +5,10 @@ routes_teacher.py (``/v1/generate``, ``/v1/score``), routes_jobs.py (``/v1/jobs`
 routes_datasets.py (``/v1/datasets``), routes_probes.py (``/healthz``, ``/readyz``,
 ``/metrics``); and the foreign protocols, thin adapters over the same service:
 routes_openai.py (vLLM's ``/v1/completions``, ``/v1/models``), routes_trl.py (``/health``,
-the older ``trl vllm-serve`` endpoints, TRL's weight-sync paths: 501). Wire models are
-protocol.py (protocol_openai.py and protocol_trl.py for the foreign protocols); shared
-dependencies are deps.py.
+the older ``trl vllm-serve`` endpoints, TRL's weight-sync paths: 501), routes_sglang.py
+(SGLang's ``/generate``, scoring only). Wire models are protocol.py (protocol_openai.py,
+protocol_trl.py and protocol_sglang.py for the foreign protocols); shared dependencies
+are deps.py.
 
 The model loads in the background after startup, so /healthz answers at once and /v1
 answers 503 until /readyz does. With an auth token set, every path needs
@@ -37,6 +38,7 @@ from . import (
     routes_jobs,
     routes_openai,
     routes_probes,
+    routes_sglang,
     routes_teacher,
     routes_trl,
 )
@@ -96,6 +98,7 @@ def create_app(settings: TeacherSettings, load_backend: BackendLoader) -> FastAP
         routes_datasets,
         routes_openai,
         routes_trl,
+        routes_sglang,
     ):
         app.include_router(module.router)
     return app
