@@ -93,15 +93,15 @@ class TeacherSettings(BaseSettings):
     )
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
         "raw_logprobs",
-        description="/v1/completions and TRL's endpoints, as vLLM's --logprobs-mode: "
-        "raw_logprobs returns the "
+        description="Drop-in endpoints, as vLLM's --logprobs-mode: raw_logprobs returns the "
         "stored T=1 log-probs whatever the request's temperature; processed_logprobs applies "
         "it (renormalised over the returned top-k: docs/teacher-service.md).",
     )
     dropin_dataset: str | None = Field(
         None,
-        description="/v1/completions and TRL's endpoints: store answers in dataset "
-        "<name>-k<k> (the X-Distill-Dataset header overrides; default: the live datasets).",
+        description="Drop-in endpoints (/v1/completions, TRL's, SGLang's): store answers in "
+        "dataset <name>-k<k> (the X-Distill-Dataset header overrides; default: the live "
+        "datasets).",
     )
     device: str | None = Field(None, description="transformers: torch device (default cpu).")
     dtype: str | None = Field(
