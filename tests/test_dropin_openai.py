@@ -243,3 +243,27 @@ def test_axolotl_sglang_request_replayed(client, sequences, tokenizer):
     r = client.post("/generate", json=generation)
     assert r.status_code == 422 and "max_new_tokens" in r.json()["message"]
     assert httpx.post(client.base_url.join("/generate"), json=body).status_code == 401
+
+
+def test_echo_with_logprobs_lists_prompt_then_completion(oai, client, sequences):
+    model = oai.models.list().data[0].id
+    seq = sequences[1]
+    response = oai.completions.create(
+        model=model,
+        prompt=seq,
+        max_tokens=2,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True},
+    )
+    (choice,) = response.choices
+    completion = choice.model_extra["token_ids"]
+    lp = choice.logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in seq + completion]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    ref = score(client, seq + completion, 2)
+    np.testing.assert_allclose(lp.token_logprobs[1:], ref["token_logprob"], rtol=0, atol=1e-4)
+    for top, ids in zip(lp.top_logprobs[1:], ref["topk_ids"], strict=True):
+        assert {f"token_id:{t}" for t in ids} <= set(top) and len(top) <= 3
