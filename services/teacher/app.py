@@ -3,12 +3,17 @@
 Endpoints (JSON; OpenAPI at /docs), one router module per resource:
 routes_teacher.py (``/v1/generate``, ``/v1/score``), routes_jobs.py (``/v1/jobs``),
 routes_datasets.py (``/v1/datasets``), routes_probes.py (``/healthz``, ``/readyz``,
-``/metrics``). Wire models are protocol.py; shared dependencies are deps.py.
+``/metrics``); and the foreign protocols, thin adapters over the same service:
+routes_openai.py (vLLM's ``/v1/completions``, ``/v1/models``), routes_trl.py (``/health``,
+the older ``trl vllm-serve`` endpoints, TRL's weight-sync paths: 501), routes_sglang.py
+(SGLang's ``/generate``, scoring only). Wire models are protocol.py (protocol_openai.py,
+protocol_trl.py and protocol_sglang.py for the foreign protocols); shared dependencies
+are deps.py.
 
 The model loads in the background after startup, so /healthz answers at once and /v1
-answers 503 until /readyz does. With an auth token set, /v1 needs ``Authorization:
-Bearer <token>`` (401 otherwise, from the headers alone: gate.py); probes, metrics and
-docs stay open for orchestrators.
+answers 503 until /readyz does. With an auth token set, every path needs
+``Authorization: Bearer <token>`` (401 otherwise, from the headers alone: gate.py);
+probes, metrics and docs stay open for orchestrators.
 
 Every refusal of input names the field: unknown fields and out-of-range values are 422
 with FastAPI's ``detail`` list plus a ``message`` string; limits that depend on the
@@ -28,7 +33,15 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from . import routes_datasets, routes_jobs, routes_probes, routes_teacher
+from . import (
+    routes_datasets,
+    routes_jobs,
+    routes_openai,
+    routes_probes,
+    routes_sglang,
+    routes_teacher,
+    routes_trl,
+)
 from .backend import TeacherBackend
 from .batcher import QueueFull
 from .deps import AppState
@@ -86,7 +99,15 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(QueryError, _invalid_query)
     app.add_exception_handler(QueueFull, _queue_full)
-    for module in (routes_probes, routes_teacher, routes_jobs, routes_datasets):
+    for module in (
+        routes_probes,
+        routes_teacher,
+        routes_jobs,
+        routes_datasets,
+        routes_openai,
+        routes_trl,
+        routes_sglang,
+    ):
         app.include_router(module.router)
     return app
 

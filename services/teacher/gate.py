@@ -3,11 +3,15 @@
 FastAPI reads and parses a request's body before it runs a route's dependencies, so an
 auth dependency would let an unauthenticated client make the server read and parse
 hundreds of megabytes (measured: a 300 MB body took 10.9 s and 1.6 GB before its 401,
-while /healthz went unanswered). This ASGI middleware answers first: a ``/v1`` request
-without the right ``Authorization: Bearer <token>`` gets 401 from its headers alone; a
-body declared (``Content-Length``) or found (chunked) larger than ``max_body_bytes``
-gets 413, naming the limit and its setting. Probes, metrics and docs stay open for
-orchestrators.
+while /healthz went unanswered). This ASGI middleware answers first: a request without
+the right ``Authorization: Bearer <token>`` gets 401 from its headers alone; a body
+declared (``Content-Length``) or found (chunked) larger than ``max_body_bytes`` gets 413,
+naming the limit and its setting.
+
+Every path is gated except ``OPEN_PATHS``: the probes (``/healthz``, ``/readyz`` and
+vLLM's ``/health`` and the older TRL server's ``/health/``, which TRL waits on), ``/metrics`` and the docs, for orchestrators.
+Gating all the rest, rather than listing what to protect, covers the foreign protocols'
+paths outside ``/v1`` (TRL's weight-sync endpoints) and any route added later.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-PROTECTED_PREFIX = "/v1"
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/health", "/health/", "/metrics", "/openapi.json"}
+    | {"/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 
 
 class RequestGate:
@@ -28,7 +35,7 @@ class RequestGate:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -80,11 +80,28 @@ class TeacherSettings(BaseSettings):
     )
     auth_token: SecretStr | None = Field(
         None,
-        description="When set, /v1 endpoints need `Authorization: Bearer <token>` (prefer "
-        "the environment variable: flags show in ps).",
+        description="When set, every endpoint but the probes, metrics and docs needs "
+        "`Authorization: Bearer <token>` (prefer the environment variable: flags show in ps).",
     )
     logprob_codec: LogprobCodec = Field(
         "cbrt-u8", description="How stored log-probs are encoded (docs/shard-format.md)."
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="/v1/completions, /v1/models: the model name clients send and see "
+        "(default: the teacher's model id).",
+    )
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
+        "raw_logprobs",
+        description="Drop-in endpoints, as vLLM's --logprobs-mode: raw_logprobs returns the "
+        "stored T=1 log-probs whatever the request's temperature; processed_logprobs applies "
+        "it (renormalised over the returned top-k: docs/teacher-service.md).",
+    )
+    dropin_dataset: str | None = Field(
+        None,
+        description="Drop-in endpoints (/v1/completions, TRL's, SGLang's): store answers in "
+        "dataset <name>-k<k> (the X-Distill-Dataset header overrides; default: the live "
+        "datasets).",
     )
     device: str | None = Field(None, description="transformers: torch device (default cpu).")
     dtype: str | None = Field(
@@ -126,5 +143,5 @@ class TeacherSettings(BaseSettings):
         return self
 
     def token(self) -> str | None:
-        """The bearer token /v1 requires, or None: auth is off (an empty token is none)."""
+        """The bearer token the gate requires, or None: auth is off (an empty token is none)."""
         return (self.auth_token.get_secret_value() if self.auth_token else None) or None
