@@ -5,14 +5,25 @@ A ``Query`` (backend.py) is one question to the teacher in token ids.
 (the teacher does not run), coalesces identical queries already running, sends the rest
 to the batcher, and stores the new answers. Sharing this path is what makes a batch job's rows and a live
 request's answers interchangeable in the cache.
+
+``score_ids`` (a score query's extra ids, answered with their exact log-probs) are not
+in the shard schema, so no stored answer could return them: a query with score_ids is
+never answered from the store nor joined to a flight, and the teacher always runs for
+it. Its top-k part is exactly what the same query without score_ids gets, so that part
+is stored under the plain query's key (a later plain query hits it). The rule "a hit
+returns numbers as exact as asked" holds because a hit never stands in for score_ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 from distillcache.shared.keys import cache_key
 from distillcache.shared.record import SequenceRecord
@@ -24,6 +35,17 @@ from .metrics import ServiceMetrics
 from .store import Answer, TeacherStore
 
 CacheMode = Literal["read-write", "read", "bypass"]
+
+
+@dataclasses.dataclass
+class ScoredAnswer(Answer):
+    """An answer with the log-probs at its query's ``score_ids`` (None: none asked)."""
+
+    score_logprobs: list[np.ndarray] | None = None
+
+
+# What a flight resolves to: the record, and the log-probs at score_ids if asked.
+_Fresh = tuple[SequenceRecord, "list[np.ndarray] | None"]
 
 
 class TeacherService:
@@ -42,7 +64,7 @@ class TeacherService:
         self.metrics = metrics
         self.max_k = min(max_k, backend.max_k)
         self.limits = Limits(self.max_k, backend.vocab_size, backend.max_model_len)
-        self._flights: dict[str, asyncio.Future[SequenceRecord]] = {}
+        self._flights: dict[str, asyncio.Future[_Fresh]] = {}
 
     def key(self, query: Query) -> str:
         ident = self.store.identity
@@ -79,17 +101,20 @@ class TeacherService:
             raise ValueError(f"a dataset is written in read-write mode, not {cache!r}")
         metas = list(metas) if metas is not None else [{} for _ in queries]
         keys = [self.key(q) for q in queries]
+        # Queries with score_ids share their record's key but not their answer (module doc).
+        flight_keys = [k + _score_ids_suffix(q) for k, q in zip(keys, queries, strict=True)]
+        plain = [k for k, q in zip(keys, queries, strict=True) if not q.score_ids]
         hits: dict[str, Answer] = {}
-        if cache != "bypass":
-            hits = await asyncio.to_thread(self.store.lookup, keys)
+        if cache != "bypass" and plain:
+            hits = await asyncio.to_thread(self.store.lookup, plain)
             self.metrics.cache_lookups.labels("hit").inc(len(hits))
-            self.metrics.cache_lookups.labels("miss").inc(len(keys) - len(hits))
+            self.metrics.cache_lookups.labels("miss").inc(len(plain) - len(hits))
 
         answers: dict[int, Answer] = {}
         mine: dict[str, int] = {}
-        own: dict[str, asyncio.Future[SequenceRecord]] = {}
-        theirs: dict[int, asyncio.Future[SequenceRecord]] = {}
-        for i, key in enumerate(keys):
+        own: dict[str, asyncio.Future[_Fresh]] = {}
+        theirs: dict[int, asyncio.Future[_Fresh]] = {}
+        for i, key in enumerate(flight_keys):
             if key in hits:
                 answers[i] = hits[key]
             elif key in own:
@@ -99,13 +124,14 @@ class TeacherService:
             else:
                 mine[key] = i
                 own[key] = asyncio.get_running_loop().create_future()
-                if cache != "bypass":
+                if cache != "bypass" and not queries[i].score_ids:
                     self._flights[key] = own[key]
 
         try:
             await self._run_teacher(queries, keys, metas, mine, own, answers, queue)
             for i, flight in theirs.items():
-                answers[i] = Answer(await flight, True, None)
+                record, scores = await flight
+                answers[i] = ScoredAnswer(record, True, None, scores)
             ordered = [answers[i] for i in range(len(queries))]
             self.metrics.cache_tokens.inc(
                 sum(
@@ -134,7 +160,7 @@ class TeacherService:
         keys: list[str],
         metas: list[dict[str, Any]],
         mine: dict[str, int],
-        own: dict[str, asyncio.Future[SequenceRecord]],
+        own: dict[str, asyncio.Future[_Fresh]],
         answers: dict[int, Answer],
         queue: bool,
     ) -> None:
@@ -148,8 +174,10 @@ class TeacherService:
                 outputs = await call(mode, [queries[i] for i in run])
                 for i, out in zip(run, outputs, strict=True):
                     record = _record(keys[i], queries[i], out, metas[i])
-                    answers[i] = Answer(record, False, None)
-                    own[keys[i]].set_result(record)
+                    answers[i] = ScoredAnswer(record, False, None, out.score_logprobs)
+                    own[keys[i] + _score_ids_suffix(queries[i])].set_result(
+                        (record, out.score_logprobs)
+                    )
         except BaseException as e:
             for flight in own.values():
                 if not flight.done():
@@ -170,6 +198,14 @@ class TeacherService:
             await asyncio.to_thread(self.store.put, name, [a.record for a in group])
             for a in group:
                 a.dataset = name
+
+
+def _score_ids_suffix(query: Query) -> str:
+    """Distinguishes, within one call, queries that differ only in their score_ids."""
+    if not query.score_ids:
+        return ""
+    digest = hashlib.sha256(json.dumps(query.score_ids).encode()).hexdigest()[:16]
+    return f"+score_ids:{digest}"
 
 
 def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) -> SequenceRecord:
