@@ -45,17 +45,26 @@ def test_score_ids_equal_a_dense_float64_log_softmax(client, teacher_model):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_score_ids_are_never_a_cache_hit_but_their_topk_is_stored(client):
+def test_a_stored_answer_serves_score_ids_only_when_it_holds_exactly_those(client):
     completion = [9, 10, 11, 12]
     plain = {"prompt_ids": PROMPT, "completion_ids": completion}
     asked = {**plain, "score_ids": _score_ids(len(completion), 1)}
-    first = client.post("/v1/score", json={"pairs": [asked]}).json()["results"][0]
-    again = client.post("/v1/score", json={"pairs": [asked]}).json()["results"][0]
-    hit = client.post("/v1/score", json={"pairs": [plain]}).json()["results"][0]
-    assert first["cached"] is False and again["cached"] is False, "score_ids always run"
+    other = {**plain, "score_ids": _score_ids(len(completion), 2)}
+
+    def score(pair):
+        r = client.post("/v1/score", json={"pairs": [pair]})
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]
+
+    first, again, different, hit = score(asked), score(asked), score(other), score(plain)
+    assert first["cached"] is False and again["cached"] is True
+    assert again["score_logprobs"] == first["score_logprobs"], "a hit is as exact as asked"
+    assert different["cached"] is False, "a row holding other ids cannot answer these"
+    assert different["score_logprobs"] != first["score_logprobs"]
     assert hit["cached"] is True and hit["score_logprobs"] is None
-    assert hit["topk_logprobs"] == first["topk_logprobs"] == again["topk_logprobs"]
-    assert again["score_logprobs"] == first["score_logprobs"]
+    assert hit["topk_logprobs"] == first["topk_logprobs"] == different["topk_logprobs"]
+    r = client.post("/v1/score", json={"pairs": [{**plain, "meta": {"_score_ids": 1}}]})
+    assert r.status_code == 422 and "_score_ids" in r.text, r.text
 
 
 def test_score_ids_of_the_wrong_shape_name_the_field(client):

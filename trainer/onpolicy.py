@@ -14,8 +14,9 @@ What this file decides, and why:
   student's mass lies (``sparse_kd.union_head_loss``).
 - Every scored sample is stored by the teacher in one named dataset per run, each row's
   ``meta`` holding the step, the run's seed and the row: the run is auditable and
-  replayable. The teacher's top-k of a sample is cached; its score_ids values are not in
-  the shard schema and are recomputed if a resumed run repeats a step (docs/trainer.md).
+  replayable. The row also keeps the teacher's values at the sample's score_ids, so a
+  step a resumed run repeats is answered from the cache: the teacher never scores a
+  sample twice (docs/teacher-service.md, "score_ids").
 """
 
 from __future__ import annotations

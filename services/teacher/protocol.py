@@ -35,7 +35,7 @@ from distillcache.shared.schema import DatasetInfo, LogprobCodec, Sampling
 from .backend import Query
 from .jobs import JobSpec
 from .limits import QueryError
-from .service import CacheMode
+from .service import SCORE_META, CacheMode
 from .store import Answer
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
@@ -135,6 +135,8 @@ class ScorePair(PromptFields):
     def _one_completion(self) -> Any:
         if (self.completion is None) == (self.completion_ids is None):
             raise ValueError("give exactly one of completion, completion_ids")
+        if self.meta is not None and SCORE_META in self.meta:
+            raise ValueError(f"meta: the key {SCORE_META!r} is the service's own (score_ids)")
         return self
 
     def to_query(self, tokenizer: Any, k: int, max_chars: int) -> Query:

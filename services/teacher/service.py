@@ -7,11 +7,14 @@ to the batcher, and stores the new answers. Sharing this path is what makes a ba
 request's answers interchangeable in the cache.
 
 ``score_ids`` (a score query's extra ids, answered with their exact log-probs) are not
-in the shard schema, so no stored answer could return them: a query with score_ids is
-never answered from the store nor joined to a flight, and the teacher always runs for
-it. Its top-k part is exactly what the same query without score_ids gets, so that part
-is stored under the plain query's key (a later plain query hits it). The rule "a hit
-returns numbers as exact as asked" holds because a hit never stands in for score_ids.
+columns of the shard schema. A record made for a query with score_ids keeps them in its
+``meta`` under ``SCORE_META`` (the ids and their float32 log-probs, which JSON carries
+exactly), wherever it is stored. A stored row answers a query with score_ids only when
+its ``SCORE_META`` holds exactly those ids: so a hit returns numbers as exact as asked,
+and the key needs no change (it still covers the top-k part, which is the same with or
+without score_ids). A query with score_ids never joins another request's flight (that
+flight may not compute its ids). An on-policy run that repeats a step after a resume
+therefore gets its samples from its own dataset, and the teacher does not run again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from .metrics import ServiceMetrics
 from .store import Answer, TeacherStore
 
 CacheMode = Literal["read-write", "read", "bypass"]
+# The meta key of a record's score_ids and their log-probs (module docstring).
+SCORE_META = "_score_ids"
 
 
 @dataclasses.dataclass
@@ -103,12 +108,15 @@ class TeacherService:
         keys = [self.key(q) for q in queries]
         # Queries with score_ids share their record's key but not their answer (module doc).
         flight_keys = [k + _score_ids_suffix(q) for k, q in zip(keys, queries, strict=True)]
-        plain = [k for k, q in zip(keys, queries, strict=True) if not q.score_ids]
         hits: dict[str, Answer] = {}
-        if cache != "bypass" and plain:
-            hits = await asyncio.to_thread(self.store.lookup, plain)
+        if cache != "bypass":
+            stored = await asyncio.to_thread(self.store.lookup, keys)
+            for key, flight_key, query in zip(keys, flight_keys, queries, strict=True):
+                hit = _hit(stored.get(key), query)
+                if hit is not None:
+                    hits[flight_key] = hit
             self.metrics.cache_lookups.labels("hit").inc(len(hits))
-            self.metrics.cache_lookups.labels("miss").inc(len(plain) - len(hits))
+            self.metrics.cache_lookups.labels("miss").inc(len(set(flight_keys)) - len(hits))
 
         answers: dict[int, Answer] = {}
         mine: dict[str, int] = {}
@@ -200,6 +208,18 @@ class TeacherService:
                 a.dataset = name
 
 
+def _hit(stored: Answer | None, query: Query) -> Answer | None:
+    """A stored answer that answers ``query`` exactly: any, without score_ids; with them,
+    one whose record holds the log-probs at exactly those ids."""
+    if stored is None or not query.score_ids:
+        return stored
+    scores = stored.record.meta.get(SCORE_META)
+    if scores is None or scores["ids"] != [list(ids) for ids in query.score_ids]:
+        return None
+    values = [np.asarray(row, dtype=np.float32) for row in scores["logprobs"]]
+    return ScoredAnswer(stored.record, True, stored.dataset, values)
+
+
 def _score_ids_suffix(query: Query) -> str:
     """Distinguishes, within one call, queries that differ only in their score_ids."""
     if not query.score_ids:
@@ -209,6 +229,12 @@ def _score_ids_suffix(query: Query) -> str:
 
 
 def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) -> SequenceRecord:
+    if query.score_ids:
+        scores = {
+            "ids": [list(ids) for ids in query.score_ids],
+            "logprobs": [row.astype(np.float32).tolist() for row in out.score_logprobs or []],
+        }
+        meta = {**meta, SCORE_META: scores}
     return SequenceRecord(
         key=key,
         prompt_ids=out.prompt_ids,
@@ -226,4 +252,7 @@ def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) ->
 
 
 def _with_meta(record: SequenceRecord, meta: dict[str, Any]) -> SequenceRecord:
+    """The record with a job's or request's meta; its score_ids values stay with it."""
+    if SCORE_META in record.meta:
+        meta = {**meta, SCORE_META: record.meta[SCORE_META]}
     return record if record.meta == meta else dataclasses.replace(record, meta=meta)
