@@ -9,17 +9,25 @@ computed here from both models' full logits.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from service_support import thread_server
+from service_support import DISTILL, thread_server
 from trainer_support import max_weight_difference, task_tokenizer, tiny_model, write_teacher_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.inputs import render_prompt, user_turn
+from distillcache.shared.manifest import MANIFEST
 from distillcache.shared.reader import ShardDataset
 from distillcache.shared.tiny_models import synthetic_task_rows
 from distillcache.trainer.config import TrainConfig
@@ -148,3 +156,65 @@ def test_on_policy_beats_off_policy_on_the_students_own_samples(world, tmp_path)
         gaps.append(kl[0.0] - kl[1.0])
     gaps = np.array(gaps)
     assert (gaps > 0).all() and gaps.min() > gaps.max() - gaps.min(), gaps
+
+
+def _published_rows(dataset: Path) -> int:
+    try:
+        manifest = json.loads((dataset / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(shard["rows"] for shard in manifest["shards"])
+
+
+@contextmanager
+def _serve(world, data: Path, port: int, log: Path):
+    """``distill serve`` over the world's teacher on a fixed port (a restart keeps the URL)."""
+    args = ["--model", str(world["teacher"]), "--data-root", str(data), "--max-k", "64"]
+    args += ["--default-k", "8", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [DISTILL, "serve", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DISTILL_FLUSH_ROWS": "1", "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process=process)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_teacher_killed_mid_run_then_restarted_finishes_with_no_sample_scored_twice(
+    world, tmp_path
+):
+    port, data, log = free_port(), tmp_path / "served", tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    run = config(world, out, teacher_url=url, max_steps=6, save_every=1)
+    with _serve(world, data, port, log) as process:
+        killer_done = threading.Event()
+
+        def kill_after_two_steps() -> None:
+            while _published_rows(data / "onpolicy-run") < 8 and process.poll() is None:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+            killer_done.set()
+
+        threading.Thread(target=kill_after_two_steps, daemon=True).start()
+        with pytest.raises(TeacherUnavailable, match=f"teacher at {url} did not answer"):
+            train(run)
+        assert killer_done.wait(60)
+    assert (out / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
+    with _serve(world, data, port, log):
+        train(run.model_copy(update={"resume": "auto"}))
+    rows = list(ShardDataset(data / "onpolicy-run").iter_records())
+    samples = [(r.meta["step"], r.meta["micro"], r.meta["row"]) for r in rows]
+    assert sorted(samples) == [(s, 0, i) for s in range(6) for i in range(4)]
+    scored = sum(r.get("onpolicy/teacher_tokens", 0) for r in metrics(out))
+    assert scored <= sum(len(r.completion_ids) for r in rows), "a sample was scored twice"
+    straight = train(config(world, tmp_path / "straight", max_steps=6))
+    assert max_weight_difference(straight, out) <= 1e-6
