@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -218,3 +219,34 @@ def test_teacher_killed_mid_run_then_restarted_finishes_with_no_sample_scored_tw
     assert scored <= sum(len(r.completion_ids) for r in rows), "a sample was scored twice"
     straight = train(config(world, tmp_path / "straight", max_steps=6))
     assert max_weight_difference(straight, out) <= 1e-6
+
+
+def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
+    settings = TeacherSettings(
+        model=str(world["teacher"]), data_root=tmp_path / "data", queue_size=1, max_batch_size=1
+    )
+    stop = threading.Event()
+
+    def keep_busy(url: str, i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                body = {"prompt_ids": [5, i, n % 300], "max_tokens": 48, "cache": "bypass"}
+                c.post("/v1/generate", json=body)
+
+    with thread_server(settings) as url:
+        threads = [threading.Thread(target=keep_busy, args=(url, i)) for i in range(6)]
+        for t in threads:
+            t.start()
+        client = TeacherClient(url)
+        try:
+            pair = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}
+            scored, call = client.score([pair], k=4, dataset=None)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            client.close()
+    assert client.busy_waits > 0, "the queue of 1 never refused the client"
+    assert scored[0].topk_ids.shape == (2, 4) and call.scored_tokens == 2

@@ -80,6 +80,7 @@ class TeacherClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.score_ids_supported = True
+        self.busy_waits = 0  # 429s answered by waiting their Retry-After
 
     def close(self) -> None:
         self.http.close()
@@ -124,6 +125,7 @@ class TeacherClient:
                 problem = f"{type(e).__name__}: {e}"
             else:
                 if response.status_code == 429:
+                    self.busy_waits += 1
                     time.sleep(float(response.headers.get("Retry-After", "1")))
                     continue
                 if response.status_code < 500:
