@@ -142,7 +142,7 @@ def _held_out_reverse_kl(world, student_dir: Path, prompts: list[list[int]]) -> 
 
 
 @pytest.mark.slow
-def test_on_policy_beats_off_policy_on_the_students_own_samples(world, tmp_path):
+def test_on_policy_beats_off_policy_on_the_students_own_samples(world, tmp_path, record_property):
     tokenizer = AutoTokenizer.from_pretrained(world["student"])
     held_out = [
         render_prompt(tokenizer, user_turn(r["question"])) for r in synthetic_task_rows(12, seed=99)
@@ -155,6 +155,7 @@ def test_on_policy_beats_off_policy_on_the_students_own_samples(world, tmp_path)
             train(config(world, out, seed=seed, on_policy_fraction=fraction, max_steps=12))
             kl[fraction] = _held_out_reverse_kl(world, out, held_out)
         gaps.append(kl[0.0] - kl[1.0])
+        record_property(f"reverse_kl_seed{seed}", kl)
     gaps = np.array(gaps)
     assert (gaps > 0).all() and gaps.min() > gaps.max() - gaps.min(), gaps
 
