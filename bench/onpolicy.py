@@ -1,4 +1,6 @@
-"""On-policy transport: bytes and encode/decode time per scored token, JSON against Arrow.
+"""On-policy distillation costs: the transport, and where an on-policy step's time goes.
+
+Part 1, transport: bytes and encode/decode time per scored token, JSON against Arrow.
 
 An on-policy step sends the teacher's answers for every sampled token to the trainer:
 top-k ids and log-probs, token and tail log-probs, and the log-probs at the student's
@@ -9,23 +11,38 @@ stream) and decodes them as a client does (``json.loads`` into NumPy arrays; the
 trainer's ``teacher_client`` decoder). It prints bytes, encode and decode microseconds
 per scored token, and Arrow's ratio against JSON, the baseline.
 
+Part 2, steps (``--steps N``, 0 skips it): a real ``distill serve`` over a tiny teacher
+(built offline), its batch job writing the shards, then a tiny student trained N steps
+off-policy (L=0, the baseline) and N steps on-policy (L=1) in the same run. It prints
+seconds per step split into sample / score / train, teacher tokens per step, and the
+on-policy step's time as a ratio of the off-policy one.
+
     python bench/onpolicy.py                      # 32 pairs x 64 tokens, k=32, s=8
-    python bench/onpolicy.py --k 64 --codec float32
+    python bench/onpolicy.py --k 64 --codec float32 --steps 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 
 from distillcache.services.teacher.answer_arrow import encode_answers
 from distillcache.services.teacher.protocol import AnswerResponse, ScoreResponse
+from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.services.teacher.service import ScoredAnswer
 from distillcache.shared.record import SequenceRecord
 from distillcache.shared.schema import DatasetInfo
+from distillcache.shared.tiny_models import build_tiny_model, synthetic_task_rows, train_tokenizer
+from distillcache.trainer.config import TrainConfig
+from distillcache.trainer.loop import train
 from distillcache.trainer.teacher_client import _decode
 
 VOCAB = 151_936
@@ -76,6 +93,79 @@ def decode_json(body: bytes) -> list[dict[str, np.ndarray]]:
     ]
 
 
+def bench_steps(steps: int, batch_size: int, new_tokens: int) -> None:
+    """Part 2: off- and on-policy steps of a tiny student against a real teacher server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = list(synthetic_task_rows(200, seed=0))
+        corpus = [f"{r['question']} {r['teacher_solution']}" for r in rows]
+        train_tokenizer(corpus, 512, root / "tok")
+        teacher = build_tiny_model(root / "teacher", root / "tok", hidden_size=128, seed=7)
+        student = build_tiny_model(root / "student", root / "tok", hidden_size=64, seed=5)
+        data = root / "served"
+        data.mkdir()
+        (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        port = free_port()
+        distill = str(Path(sys.executable).parent / "distill")
+        args = ["serve", "--model", str(teacher), "--data-root", str(data), "--max-k", "32"]
+        args += ["--default-k", "16", "--host", "127.0.0.1", "--port", str(port)]
+        log = open(root / "server.log", "wb")
+        server = subprocess.Popen([distill, *args], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process=server)
+            job = httpx.post(
+                f"{url}/v1/jobs", json={"input": "rows.jsonl", "output": "shards", "max_tokens": 24}
+            ).json()
+            while job["state"] not in ("done", "failed", "cancelled"):
+                time.sleep(0.5)
+                job = httpx.get(f"{url}/v1/jobs/{job['id']}").json()
+            if job["state"] != "done":
+                raise RuntimeError(f"the shard job ended {job['state']}: {job}")
+            results = {}
+            for fraction in (0.0, 1.0):
+                out = root / f"run-{fraction}"
+                config = TrainConfig(
+                    data=str(data / "shards"),
+                    student=str(student),
+                    output_dir=str(out),
+                    loss="reverse_kl",
+                    batch_size=batch_size,
+                    max_steps=steps,
+                    max_length=128,
+                    lr=3e-3,
+                    log_every=1,
+                    progress=False,
+                    tensorboard=False,
+                    on_policy_fraction=fraction,
+                    teacher_url=url,
+                    sample_max_new_tokens=new_tokens,
+                )
+                start = time.perf_counter()
+                train(config)
+                elapsed = time.perf_counter() - start
+                logged = [
+                    json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                ]
+                results[fraction] = (elapsed, [r for r in logged if "train/loss" in r])
+        finally:
+            server.terminate()
+            server.wait()
+            log.close()
+    print(f"\n{steps} steps x {batch_size} rows, tiny student (64 wide) and teacher (128 wide)")
+    print(f"{'run':<14}{'s/step':>9}{'sample':>9}{'score':>9}{'train':>9}{'teacher tok/step':>18}")
+    for fraction, (elapsed, logged) in results.items():
+        split = [
+            sum(r.get(f"time/{p}_s", 0.0) for r in logged) / steps
+            for p in ("sample", "score", "train")
+        ]
+        tokens = sum(r.get("onpolicy/teacher_tokens", 0.0) for r in logged) / steps
+        name = "off (L=0)" if fraction == 0 else "on (L=1)"
+        cells = "".join(f"{v:>9.3f}" for v in split) if fraction else " " * 27
+        print(f"{name:<14}{elapsed / steps:>9.3f}{cells}{tokens:>18.1f}")
+    print(f"on-policy step / off-policy step: {results[1.0][0] / results[0.0][0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=32)
@@ -84,6 +174,9 @@ def main() -> None:
     parser.add_argument("--score-ids", type=int, default=8)
     parser.add_argument("--codec", default="cbrt-u8", choices=["cbrt-u8", "float16", "float32"])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="Part 2's steps (0: skip).")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     data = answers(args.pairs, args.tokens, args.k, args.score_ids, seed=0)
     info = DatasetInfo(
@@ -122,6 +215,8 @@ def main() -> None:
     print(
         f"arrow / json: bytes {ab / jb:.3f}, encode time {ae / je:.3f}, decode time {ad / jd:.3f}"
     )
+    if args.steps:
+        bench_steps(args.steps, args.batch_size, args.new_tokens)
 
 
 if __name__ == "__main__":

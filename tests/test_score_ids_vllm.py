@@ -4,14 +4,19 @@ and the trainer's client falls back to the teacher's top-k with one warning."""
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from service_support import build_teacher, serve_process
+from service_support import DISTILL, build_teacher
 
+from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.trainer.teacher_client import TeacherClient
+
+# vLLM's engine start takes minutes on a loaded 2-core machine.
+STARTUP_S = 600
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -23,9 +28,17 @@ def url(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iterat
     model = build_teacher(root / "teacher", tokenizer_dir)
     args = ["--backend", "vllm", "--model", str(model), "--data-root", str(root / "data")]
     args += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
-    args += ["--max-k", "20", "--default-k", "8"]
-    with serve_process(args, root / "server.log") as (url, _):
+    port = free_port()
+    args += ["--max-k", "20", "--default-k", "8", "--host", "127.0.0.1", "--port", str(port)]
+    with open(root / "server.log", "wb") as log:
+        process = subprocess.Popen([DISTILL, "serve", *args], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process=process, timeout=STARTUP_S)
         yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
 
 
 PAIR = {"prompt_ids": [5, 17, 42], "completion_ids": [61, 8], "score_ids": [[1, 2], [3, 4]]}
