@@ -52,6 +52,7 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class ResumeState:
     step: int
     position: DataPosition
+    sampler: dict[str, Any] | None = None  # the on-policy sampler's RNG (onpolicy.py)
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -168,9 +169,11 @@ def save_checkpoint(
     config: TrainConfig,
     env: DistEnv,
     sharded: bool,
+    sampler: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` (every rank calls this). ``model`` is the HF model,
-    ``sharded`` whether FSDP holds it in shards (so no rank has a replica to fingerprint)."""
+    ``sharded`` whether FSDP holds it in shards (so no rank has a replica to fingerprint),
+    ``sampler`` the on-policy sampler's state (its own RNG), kept per rank."""
     final = checkpoint_path(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     model_state = full_model_state(model)
@@ -186,6 +189,7 @@ def save_checkpoint(
         "position": position.to_dict(),
         "rng": _rng_state(),
         "weights_sha256": None if sharded else replica_fingerprint(model),
+        "sampler": sampler,
     }
     torch.save(rank_state, tmp / f"rank-{env.rank}.pt")
     barrier(env)
@@ -217,4 +221,4 @@ def load_checkpoint(
     rank_state = torch.load(path / f"rank-{env.rank}.pt", weights_only=False)
     _set_rng_state(rank_state["rng"])
     step = json.loads((path / "trainer_state.json").read_text())["step"]
-    return ResumeState(step, DataPosition(**rank_state["position"]))
+    return ResumeState(step, DataPosition(**rank_state["position"]), rank_state.get("sampler"))

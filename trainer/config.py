@@ -67,6 +67,48 @@ class TrainConfig(BaseModel):
         "top-k.",
     )
 
+    # On-policy distillation (GKD): the student's own samples, scored by a live teacher.
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Each step is on-policy with this probability (seeded): the student "
+        "samples completions of prompts and the teacher scores them (--teacher-url). 0: "
+        "shards only; 1: the student's own samples only.",
+    )
+    teacher_url: str | None = Field(
+        None,
+        description="Teacher service for on-policy steps (token from DISTILL_AUTH_TOKEN).",
+    )
+    prompts: str | None = Field(
+        None,
+        description="Prompt file for on-policy steps (the input formats distill cache "
+        "accepts); default: the prompts of --data.",
+    )
+    sample_temperature: float = Field(
+        1.0, gt=0.0, description="The student's sampling temperature on on-policy steps."
+    )
+    sample_top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="The student's nucleus (top-p) on on-policy steps."
+    )
+    sample_max_new_tokens: int = Field(
+        64, gt=0, description="Most tokens the student samples per on-policy completion."
+    )
+    score_top: int = Field(
+        8,
+        ge=0,
+        description="The student's own top-N ids per position whose exact teacher log-probs "
+        "are asked (score_ids); the loss runs on their union with the teacher's top-k.",
+    )
+    teacher_k: int | None = Field(
+        None, ge=1, description="Teacher top-k on on-policy steps (default: the server's)."
+    )
+    on_policy_dataset: str | None = Field(
+        None,
+        description="Dataset on the teacher that keeps every scored sample (default: "
+        "onpolicy-<name of output_dir>).",
+    )
+
     # Batches.
     batch_size: int = Field(
         8, gt=0, description="Sequences per micro-batch per rank (rows when packing)."
@@ -132,6 +174,16 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps {self.warmup_steps} exceed max_steps {self.max_steps}")
         if self.eval_data is not None and self.eval_fraction > 0:
             raise ValueError("give eval_data or eval_fraction, not both")
+        if self.on_policy_fraction > 0:
+            if self.teacher_url is None:
+                raise ValueError("on_policy_fraction > 0 needs teacher_url (a distill serve URL)")
+            if self.loss == "sft":
+                raise ValueError("on-policy steps need a divergence loss, not sft")
+            if self.sample_max_new_tokens >= self.max_length:
+                raise ValueError(
+                    f"sample_max_new_tokens {self.sample_max_new_tokens} leaves no room for a "
+                    f"prompt in max_length {self.max_length}"
+                )
         return self
 
     def to_json(self) -> str:
@@ -148,6 +200,8 @@ DATA_ORDER_FIELDS = (
     "packing",
     "shuffle_window",
     "seed",
+    "on_policy_fraction",
+    "prompts",
 )
 
 

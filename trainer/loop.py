@@ -22,7 +22,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from distillcache.shared.inputs import ensure_pad_token
 
-from .batching import Batch, iter_batches
+from .batching import iter_batches
 from .checkpoint import (
     check_resumable,
     full_model_state,
@@ -36,6 +36,7 @@ from .data import RunData, open_data
 from .distributed import DistEnv, all_reduce_sum, init_distributed, is_fsdp, shutdown, unwrap, wrap
 from .evaluate import evaluate
 from .metrics import MetricsLog
+from .onpolicy import OnPolicy, load_prompts
 from .sparse_kd import LossSpec
 from .stream import DataPosition, iter_examples, iter_held_out
 from .student import DistillStudent, load_student, load_tokenizer
@@ -116,12 +117,15 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
     )
+    onpolicy = _open_onpolicy(config, tokenizer, data, vocab_size, env)
     step, position = 0, DataPosition()
     if resume is not None:
         state = load_checkpoint(
             resume, model=model, optimizer=optimizer, scheduler=scheduler, env=env
         )
         step, position = state.step, state.position
+        if onpolicy is not None and state.sampler is not None:
+            onpolicy.load_state_dict(state.sampler)
     # Every rank, not just the main one: each opens its own files here (keys-rank<r>.txt).
     out.mkdir(parents=True, exist_ok=True)
     if env.main:
@@ -169,6 +173,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     end = config.stop_at_step or config.max_steps
     running = torch.zeros(4, dtype=torch.float64, device=env.device)
     last_log, saved_at, evaluated_at = time.perf_counter(), -1, -1
+    step_time = 0.0
     has_eval = bool(data.eval_units)
 
     def checkpoint() -> Path:
@@ -183,6 +188,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
             config=config,
             env=env,
             sharded=fsdp,
+            sampler=None if onpolicy is None else onpolicy.state_dict(),
         )
 
     progress = Progress(
@@ -208,9 +214,14 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     with progress:
         task = progress.add_task("train", total=config.max_steps, completed=step, info="")
         while step < end:
-            micro: list[tuple[Batch, DataPosition]] = [
-                next(batches) for _ in range(config.grad_accum)
-            ]
+            step_start = time.perf_counter()
+            if onpolicy is not None and onpolicy.is_on_policy(step):
+                # On-policy (GKD): the student's own samples; the data stream stays put.
+                micro = [
+                    (onpolicy.batch(model, step, i), position) for i in range(config.grad_accum)
+                ]
+            else:
+                micro = [next(batches) for _ in range(config.grad_accum)]
             position = micro[-1][1]
             local = float(sum(batch.n_targets for batch, _ in micro))
             tokens = all_reduce_sum(torch.tensor([local], device=env.device), env).item()
@@ -233,6 +244,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_time += time.perf_counter() - step_start
 
             if step % config.log_every == 0 or step == end:
                 sums = all_reduce_sum(running.clone(), env).tolist()
@@ -246,6 +258,9 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
                     "train/grad_norm": float(grad_norm),
                     "train/tokens_per_s": sums[3] / (now - last_log),
                 }
+                if onpolicy is not None:
+                    values.update(onpolicy_metrics(onpolicy, step_time))
+                step_time = 0.0
                 log.write(step, values)
                 progress.update(task, info=f"loss {values['train/loss']:.4f}")
                 running.zero_()
@@ -270,4 +285,29 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     log.close()
     if keys is not None:
         keys.close()
+    if onpolicy is not None:
+        onpolicy.client.close()
     return result
+
+
+def _open_onpolicy(config: TrainConfig, tokenizer, data: RunData, vocab_size: int, env: DistEnv):
+    """The on-policy step maker when on_policy_fraction > 0 (else None)."""
+    if config.on_policy_fraction <= 0:
+        return None
+    prompts = load_prompts(config, tokenizer, data.source, data.train_units)
+    return OnPolicy(config, tokenizer, prompts, vocab_size, env.rank)
+
+
+def onpolicy_metrics(onpolicy: OnPolicy, step_time: float) -> dict[str, float]:
+    """This rank's on-policy cost since the last log: teacher tokens scored and answered
+    from the cache, and the steps' time split into sample / score / train."""
+    cost = onpolicy.cost
+    values = {
+        "onpolicy/teacher_tokens": float(cost.scored_tokens),
+        "onpolicy/cache_tokens": float(cost.cached_tokens),
+        "time/sample_s": cost.sample_s,
+        "time/score_s": cost.score_s,
+        "time/train_s": step_time - cost.sample_s - cost.score_s,
+    }
+    onpolicy.cost = type(cost)()
+    return values

@@ -17,7 +17,8 @@ from distillcache.shared.keys import tokenizer_hash
 from distillcache.shared.schema import DatasetInfo
 
 from .batching import Batch
-from .sparse_kd import LossSpec, chunked_head_loss, chunked_head_metrics
+from .onpolicy import OnPolicyBatch
+from .sparse_kd import LossSpec, chunked_head_loss, chunked_head_metrics, union_head_loss
 
 # Config attributes of architectures whose logits are transformed after the linear head;
 # the chunked head computes hidden @ W.T only, so such students would train on wrong logits.
@@ -103,5 +104,16 @@ class DistillStudent(nn.Module):
         if evaluate:
             return chunked_head_metrics(
                 hidden, weight, *targets, self.spec.vocab_size, self.spec.chunk_size
+            )
+        if isinstance(batch, OnPolicyBatch):  # the student's own samples (onpolicy.py)
+            return union_head_loss(
+                hidden,
+                weight,
+                batch.labels,
+                batch.topk_ids,
+                batch.topk_logprobs,
+                batch.score_ids,
+                batch.score_logprobs,
+                self.spec,
             )
         return chunked_head_loss(hidden, weight, *targets, self.spec)

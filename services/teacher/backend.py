@@ -29,6 +29,9 @@ class Query:
     ``generate``: a completion of ``prompt_ids`` drawn with ``sampling``. ``score``:
     teacher forcing of ``prompt_ids + completion_ids``, with log-probs at positions
     ``logprob_start..`` (default: the completion's positions); ``sampling`` is unused.
+    ``score_ids`` (score only; empty, or one tuple per scored position): extra token ids
+    whose exact log-probs the answer also carries. They are not part of the cache key:
+    the top-k part of the answer is the same with or without them (see service.py).
     """
 
     mode: Mode
@@ -37,6 +40,7 @@ class Query:
     sampling: Sampling = Sampling()
     completion_ids: tuple[int, ...] = ()
     logprob_start: int | None = None
+    score_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def start(self) -> int:
@@ -78,6 +82,7 @@ class TeacherOutput:
     token_logprob: np.ndarray
     finish_reason: str
     tail_logprob: np.ndarray | None = None
+    score_logprobs: list[np.ndarray] | None = None  # per position, at the query's score_ids
 
 
 class TeacherBackend(Protocol):
@@ -93,6 +98,7 @@ class TeacherBackend(Protocol):
     max_k: int
     max_model_len: int
     dtype: str  # the torch dtype the weights run in, e.g. "float32", "bfloat16"
+    score_ids: bool  # whether it returns log-probs at a query's score_ids
 
     async def generate(self, queries: list[Query]) -> list[TeacherOutput]: ...
 

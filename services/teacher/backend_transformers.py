@@ -50,6 +50,7 @@ class TransformersBackend:
     """A Hugging Face causal LM held in memory; one forward pass runs at a time."""
 
     name = "transformers"
+    score_ids = True  # full logits are at hand: any id's log-prob is exact
 
     def __init__(
         self,
@@ -152,7 +153,9 @@ class TransformersBackend:
         ):
             rows = logits[row, start - 1 - first : len(sequence) - 1 - first, : self.vocab_size]
             targets = torch.tensor(sequence[start:], device=self.device)
-            topk_ids, topk_logprobs, token_logprob = _topk_and_token(rows, targets, request.k)
+            topk_ids, topk_logprobs, token_logprob, score_logprobs = _topk_and_token(
+                rows, targets, request.k, request.score_ids
+            )
             topk_logprobs, tail_logprob = _float32_with_tail(topk_logprobs)
             outputs.append(
                 TeacherOutput(
@@ -167,6 +170,7 @@ class TransformersBackend:
                     token_logprob=token_logprob.cpu().numpy(),
                     tail_logprob=tail_logprob,
                     finish_reason="stop",
+                    score_logprobs=score_logprobs,
                 )
             )
         return outputs
@@ -262,11 +266,17 @@ class TransformersBackend:
 
 
 def _topk_and_token(
-    logits: torch.Tensor, targets: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k (sorted, descending, float64) and the targets' log-probs (float32) from an
-    exact log-softmax, computed ``_LOGSOFTMAX_ROWS`` positions at a time in float64."""
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    k: int,
+    score_ids: Sequence[Sequence[int]] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[np.ndarray] | None]:
+    """Top-k (sorted, descending, float64), the targets' log-probs (float32) and, when
+    ``score_ids`` are given (one list per position), the log-probs at those ids (float32,
+    in the order given), all from an exact log-softmax computed ``_LOGSOFTMAX_ROWS``
+    positions at a time in float64."""
     ids, values, tokens = [], [], []
+    scored: list[np.ndarray] | None = [] if score_ids else None
     for start in range(0, logits.shape[0], _LOGSOFTMAX_ROWS):
         logprobs = torch.log_softmax(logits[start : start + _LOGSOFTMAX_ROWS].double(), dim=-1)
         top_values, top_ids = logprobs.topk(k, dim=-1)
@@ -274,7 +284,12 @@ def _topk_and_token(
         values.append(top_values)
         chunk_targets = targets[start : start + _LOGSOFTMAX_ROWS, None]
         tokens.append(logprobs.gather(-1, chunk_targets)[:, 0].float())
-    return torch.cat(ids), torch.cat(values), torch.cat(tokens)
+        if scored is not None:
+            rows = logprobs.cpu()
+            for j, row in enumerate(score_ids[start : start + _LOGSOFTMAX_ROWS]):
+                picked = rows[j, torch.tensor(row, dtype=torch.long)]
+                scored.append(picked.float().numpy())
+    return torch.cat(ids), torch.cat(values), torch.cat(tokens), scored
 
 
 def _float32_with_tail(topk_logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,11 @@ What this file decides, and why:
   request gets does not depend on its neighbours beyond float rounding, and sampled
   requests with a seed repeat exactly (vLLM keeps a generator per seeded request).
 
+- ``score_ids`` (log-probs at named ids for prompt positions) are refused: vLLM's
+  ``prompt_logprobs`` returns only the top-n and the prompt token itself, and a logits
+  processor sees sampled positions, not prompt ones. The service answers such a request
+  400 naming this backend; the trainer falls back to the teacher's top-k.
+
 Scripts that construct this backend need an ``if __name__ == "__main__":`` guard: vLLM
 spawns its engine and worker processes.
 """
@@ -73,6 +78,7 @@ class VllmBackend:
     """
 
     name = "vllm"
+    score_ids = False  # prompt_logprobs gives the top-n only (see the module docstring)
 
     def __init__(
         self,
@@ -130,6 +136,8 @@ class VllmBackend:
     async def score(self, queries: list[Query]) -> list[TeacherOutput]:
         for query in queries:
             self.limits.check(query)
+            if query.score_ids:
+                raise ValueError(f"the {self.name} backend cannot return log-probs at score_ids")
         await self._slice_logits()
         return list(await asyncio.gather(*(self._score_one(q) for q in queries)))
 

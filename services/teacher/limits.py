@@ -79,3 +79,29 @@ class Limits:
                 "logprob_start",
                 f"must be between 1 and {n_prompt + n_completion - 1}, got {query.start}",
             )
+        self._check_score_ids(query, n_prompt + n_completion - query.start)
+
+    def _check_score_ids(self, query: Query, positions: int) -> None:
+        """score_ids: none, or one list per scored position, each of at most ``max_k``
+        distinct ids in the vocabulary (so an answer stays within positions x 2k)."""
+        if not query.score_ids:
+            return
+        if len(query.score_ids) != positions:
+            raise QueryError(
+                "score_ids",
+                f"has {len(query.score_ids)} lists; give one per scored position ({positions})",
+            )
+        for j, ids in enumerate(query.score_ids):
+            if len(ids) > self.max_k:
+                raise QueryError(
+                    "score_ids", f"position {j} has {len(ids)} ids; at most {self.max_k}"
+                )
+            if len(set(ids)) != len(ids):
+                raise QueryError("score_ids", f"position {j} repeats a token id")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise QueryError(
+                    "score_ids",
+                    f"position {j}: token id {bad[0]} is outside the vocabulary "
+                    f"(0..{self.vocab_size - 1})",
+                )

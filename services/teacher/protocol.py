@@ -35,7 +35,7 @@ from distillcache.shared.schema import DatasetInfo, LogprobCodec, Sampling
 from .backend import Query
 from .jobs import JobSpec
 from .limits import QueryError
-from .service import CacheMode
+from .service import SCORE_META, CacheMode
 from .store import Answer
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_ids")
@@ -122,11 +122,21 @@ class ScorePair(PromptFields):
     logprob_start: int | None = Field(
         None, ge=1, description="First scored position (default: the first completion token)."
     )
+    score_ids: list[list[int]] | None = Field(
+        None,
+        description="Per scored position, extra token ids whose exact teacher log-probs the "
+        "answer carries as score_logprobs (the teacher always runs for these; see the docs).",
+    )
+    meta: dict[str, Any] | None = Field(
+        None, description="Stored with the row in the body's dataset (e.g. step and seed)."
+    )
 
     @model_validator(mode="after")
     def _one_completion(self) -> Any:
         if (self.completion is None) == (self.completion_ids is None):
             raise ValueError("give exactly one of completion, completion_ids")
+        if self.meta is not None and SCORE_META in self.meta:
+            raise ValueError(f"meta: the key {SCORE_META!r} is the service's own (score_ids)")
         return self
 
     def to_query(self, tokenizer: Any, k: int, max_chars: int) -> Query:
@@ -142,7 +152,12 @@ class ScorePair(PromptFields):
             except ValueError as e:
                 raise QueryError("completion", str(e)) from None
         return Query(
-            "score", prompt, k, completion_ids=completion, logprob_start=self.logprob_start
+            "score",
+            prompt,
+            k,
+            completion_ids=completion,
+            logprob_start=self.logprob_start,
+            score_ids=tuple(tuple(ids) for ids in self.score_ids or ()),
         )
 
     def field_name(self, part: str) -> str:
@@ -157,6 +172,11 @@ class ScoreBody(_Strict):
     pairs: list[ScorePair] = Field(min_length=1, max_length=256)
     k: int | None = Field(None, ge=1)
     cache: CacheMode = Field("read-write", description=CACHE_HELP)
+    dataset: str | None = Field(
+        None,
+        description="Store every answer (cached ones too) as a row of this dataset, with "
+        "its pair's meta; created when new. Needs cache read-write.",
+    )
 
     def field_name(self, i: int, part: str) -> str:
         """The body's field for a part of pair ``i``'s query named by a QueryError."""
@@ -182,6 +202,9 @@ class AnswerResponse(BaseModel):
     tail_logprob: list[float | None] = Field(
         description="log of the mass outside the top-k; null when the top-k holds all of it."
     )
+    score_logprobs: list[list[float | None]] | None = Field(
+        None, description="Per scored position, the log-probs at the pair's score_ids, in order."
+    )
 
     @classmethod
     def of(cls, answer: Answer, codec: LogprobCodec) -> AnswerResponse:
@@ -203,6 +226,7 @@ class AnswerResponse(BaseModel):
             topk_logprobs=np.take_along_axis(lps, order, axis=-1).tolist(),
             token_logprob=_finite(r.token_logprob),
             tail_logprob=_finite(r.tail_logprob),
+            score_logprobs=score_logprobs(answer),
         )
 
 
@@ -255,6 +279,12 @@ def _too_long(chars: int, max_chars: int) -> str:
         f"is {chars:,} characters; the server takes at most {max_chars:,} "
         "(setting max_prompt_chars)"
     )
+
+
+def score_logprobs(answer: Answer) -> list[list[float | None]] | None:
+    """The answer's log-probs at its score_ids, -inf as null; None when none were asked."""
+    scores = getattr(answer, "score_logprobs", None)
+    return None if scores is None else [_finite(row) for row in scores]
 
 
 def _finite(values: np.ndarray) -> list[float | None]:

@@ -3,8 +3,13 @@
 Bodies become queries off the event loop (tokenising a long prompt must not stall other
 requests; texts longer than ``max_prompt_chars`` are refused before tokenising), pass
 the teacher's limits, and must fit ``max_response_entries`` (positions x k) before the
-teacher runs. The answer is encoded off the event loop too, and a request whose client
+teacher runs. The answer is encoded off the event loop too (JSON, or Arrow IPC when the
+client's Accept header asks for it: answer_arrow.py), and a request whose client
 disconnects is cancelled, freeing its place in the queue.
+
+``score_ids`` need a backend that computes them (``backend.score_ids``); others answer
+400 naming the backend, before anything runs. A body naming a ``dataset`` gets it opened
+(created when new) and every answer stored in it with its pair's ``meta``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
+from .answer_arrow import ARROW_STREAM, encode_answers, wants_arrow
 from .backend import Query
 from .deps import CLIENT_CLOSED, ClientGone, Ready, State, unless_disconnected
 from .limits import QueryError
@@ -36,7 +42,7 @@ async def generate(body: GenerateBody, rt: Ready, state: State, request: Request
         )
 
     queries = [await asyncio.to_thread(query)]
-    return await _answer(rt, settings, request, queries, body.cache, _one_answer)
+    return await _answer(rt, settings, request, queries, body.cache, _one_answer, None, None)
 
 
 @router.post("/score", response_model=ScoreResponse)
@@ -56,8 +62,32 @@ async def score(body: ScoreBody, rt: Ready, state: State, request: Request) -> R
             for i, pair in enumerate(body.pairs)
         ]
 
+    if any(pair.score_ids for pair in body.pairs) and not rt.backend.score_ids:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            f"score_ids: the {rt.backend.name} backend cannot return log-probs at named ids "
+            "for prompt positions; leave score_ids out (the teacher's top-k only)",
+        )
+    if body.dataset is not None:
+        if body.cache != "read-write":
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"dataset: answers are stored with cache read-write, not {body.cache!r}",
+            )
+        try:
+            await asyncio.to_thread(rt.store.open_dataset, body.dataset, k, None)
+        except ValueError as e:  # DatasetError is one
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"dataset: {e}") from None
+    metas = [pair.meta or {} for pair in body.pairs]
     return await _answer(
-        rt, settings, request, await asyncio.to_thread(queries), body.cache, _score_answers
+        rt,
+        settings,
+        request,
+        await asyncio.to_thread(queries),
+        body.cache,
+        _score_answers,
+        body.dataset,
+        metas,
     )
 
 
@@ -76,6 +106,8 @@ async def _answer(
     queries: list[Query],
     cache: str,
     shape: Callable[[list[AnswerResponse]], AnswerResponse | ScoreResponse],
+    dataset: str | None,
+    metas: list[dict] | None,
 ) -> Response:
     entries = sum(_entries(q) for q in queries)
     if entries > settings.max_response_entries:
@@ -86,10 +118,16 @@ async def _answer(
             "max_response_entries): ask for fewer pairs, a smaller k or fewer max_tokens",
         )
     try:
-        answers = await unless_disconnected(request, rt.service.answer(queries, cache=cache))
+        answers = await unless_disconnected(
+            request, rt.service.answer(queries, cache=cache, dataset=dataset, metas=metas)
+        )
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     codec = settings.logprob_codec
+    if wants_arrow(request.headers.get("accept")):
+        info = rt.store.identity.dataset_info(queries[0].k, codec, None)
+        body = await asyncio.to_thread(encode_answers, answers, info)
+        return Response(body, media_type=ARROW_STREAM)
 
     def encode() -> bytes:
         return shape([AnswerResponse.of(a, codec) for a in answers]).model_dump_json().encode()
@@ -101,7 +139,8 @@ def _entries(query: Query) -> int:
     """Log-probs an answer to ``query`` holds at most: scored positions x k."""
     if query.mode == "generate":
         return query.sampling.max_tokens * query.k
-    return (len(query.prompt_ids) + len(query.completion_ids) - query.start) * query.k
+    positions = len(query.prompt_ids) + len(query.completion_ids) - query.start
+    return positions * query.k + sum(len(ids) for ids in query.score_ids)
 
 
 def _checked(rt: Runtime, make: Callable[[], Query], field_name: Callable[[str], str]) -> Query:

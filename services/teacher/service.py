@@ -5,15 +5,29 @@ A ``Query`` (backend.py) is one question to the teacher in token ids.
 (the teacher does not run), coalesces identical queries already running, sends the rest
 to the batcher, and stores the new answers. Sharing this path is what makes a batch job's rows and a live
 request's answers interchangeable in the cache.
+
+``score_ids`` (a score query's extra ids, answered with their exact log-probs) are not
+columns of the shard schema. A record made for a query with score_ids keeps them in its
+``meta`` under ``SCORE_META`` (the ids and their float32 log-probs, which JSON carries
+exactly), wherever it is stored. A stored row answers a query with score_ids only when
+its ``SCORE_META`` holds exactly those ids: so a hit returns numbers as exact as asked,
+and the key needs no change (it still covers the top-k part, which is the same with or
+without score_ids). A query with score_ids never joins another request's flight (that
+flight may not compute its ids). An on-policy run that repeats a step after a resume
+therefore gets its samples from its own dataset, and the teacher does not run again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 from distillcache.shared.keys import cache_key
 from distillcache.shared.manifest import DatasetError
@@ -28,6 +42,19 @@ from .store import Answer, TeacherStore
 log = logging.getLogger(__name__)
 
 CacheMode = Literal["read-write", "read", "bypass"]
+# The meta key of a record's score_ids and their log-probs (module docstring).
+SCORE_META = "_score_ids"
+
+
+@dataclasses.dataclass
+class ScoredAnswer(Answer):
+    """An answer with the log-probs at its query's ``score_ids`` (None: none asked)."""
+
+    score_logprobs: list[np.ndarray] | None = None
+
+
+# What a flight resolves to: the record, and the log-probs at score_ids if asked.
+_Fresh = tuple[SequenceRecord, "list[np.ndarray] | None"]
 
 
 class TeacherService:
@@ -46,7 +73,7 @@ class TeacherService:
         self.metrics = metrics
         self.max_k = min(max_k, backend.max_k)
         self.limits = Limits(self.max_k, backend.vocab_size, backend.max_model_len)
-        self._flights: dict[str, asyncio.Future[SequenceRecord]] = {}
+        self._flights: dict[str, asyncio.Future[_Fresh]] = {}
 
     def key(self, query: Query) -> str:
         ident = self.store.identity
@@ -83,17 +110,23 @@ class TeacherService:
             raise ValueError(f"a dataset is written in read-write mode, not {cache!r}")
         metas = list(metas) if metas is not None else [{} for _ in queries]
         keys = [self.key(q) for q in queries]
+        # Queries with score_ids share their record's key but not their answer (module doc).
+        flight_keys = [k + _score_ids_suffix(q) for k, q in zip(keys, queries, strict=True)]
         hits: dict[str, Answer] = {}
         if cache != "bypass":
-            hits = await asyncio.to_thread(self.store.lookup, keys)
+            stored = await asyncio.to_thread(self.store.lookup, keys)
+            for key, flight_key, query in zip(keys, flight_keys, queries, strict=True):
+                hit = _hit(stored.get(key), query)
+                if hit is not None:
+                    hits[flight_key] = hit
             self.metrics.cache_lookups.labels("hit").inc(len(hits))
-            self.metrics.cache_lookups.labels("miss").inc(len(keys) - len(hits))
+            self.metrics.cache_lookups.labels("miss").inc(len(set(flight_keys)) - len(hits))
 
         answers: dict[int, Answer] = {}
         mine: dict[str, int] = {}
-        own: dict[str, asyncio.Future[SequenceRecord]] = {}
-        theirs: dict[int, asyncio.Future[SequenceRecord]] = {}
-        for i, key in enumerate(keys):
+        own: dict[str, asyncio.Future[_Fresh]] = {}
+        theirs: dict[int, asyncio.Future[_Fresh]] = {}
+        for i, key in enumerate(flight_keys):
             if key in hits:
                 answers[i] = hits[key]
             elif key in own:
@@ -103,13 +136,14 @@ class TeacherService:
             else:
                 mine[key] = i
                 own[key] = asyncio.get_running_loop().create_future()
-                if cache != "bypass":
+                if cache != "bypass" and not queries[i].score_ids:
                     self._flights[key] = own[key]
 
         try:
             await self._run_teacher(queries, keys, metas, mine, own, answers, queue)
             for i, flight in theirs.items():
-                answers[i] = Answer(await flight, True, None)
+                record, scores = await flight
+                answers[i] = ScoredAnswer(record, True, None, scores)
             ordered = [answers[i] for i in range(len(queries))]
             self.metrics.cache_tokens.inc(
                 sum(
@@ -138,7 +172,7 @@ class TeacherService:
         keys: list[str],
         metas: list[dict[str, Any]],
         mine: dict[str, int],
-        own: dict[str, asyncio.Future[SequenceRecord]],
+        own: dict[str, asyncio.Future[_Fresh]],
         answers: dict[int, Answer],
         queue: bool,
     ) -> None:
@@ -152,8 +186,10 @@ class TeacherService:
                 outputs = await call(mode, [queries[i] for i in run])
                 for i, out in zip(run, outputs, strict=True):
                     record = _record(keys[i], queries[i], out, metas[i])
-                    answers[i] = Answer(record, False, None)
-                    own[keys[i]].set_result(record)
+                    answers[i] = ScoredAnswer(record, False, None, out.score_logprobs)
+                    own[keys[i] + _score_ids_suffix(queries[i])].set_result(
+                        (record, out.score_logprobs)
+                    )
         except BaseException as e:
             for flight in own.values():
                 if not flight.done():
@@ -183,7 +219,33 @@ class TeacherService:
                 a.dataset = name
 
 
+def _hit(stored: Answer | None, query: Query) -> Answer | None:
+    """A stored answer that answers ``query`` exactly: any, without score_ids; with them,
+    one whose record holds the log-probs at exactly those ids."""
+    if stored is None or not query.score_ids:
+        return stored
+    scores = stored.record.meta.get(SCORE_META)
+    if scores is None or scores["ids"] != [list(ids) for ids in query.score_ids]:
+        return None
+    values = [np.asarray(row, dtype=np.float32) for row in scores["logprobs"]]
+    return ScoredAnswer(stored.record, True, stored.dataset, values)
+
+
+def _score_ids_suffix(query: Query) -> str:
+    """Distinguishes, within one call, queries that differ only in their score_ids."""
+    if not query.score_ids:
+        return ""
+    digest = hashlib.sha256(json.dumps(query.score_ids).encode()).hexdigest()[:16]
+    return f"+score_ids:{digest}"
+
+
 def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) -> SequenceRecord:
+    if query.score_ids:
+        scores = {
+            "ids": [list(ids) for ids in query.score_ids],
+            "logprobs": [row.astype(np.float32).tolist() for row in out.score_logprobs or []],
+        }
+        meta = {**meta, SCORE_META: scores}
     return SequenceRecord(
         key=key,
         prompt_ids=out.prompt_ids,
@@ -201,4 +263,7 @@ def _record(key: str, query: Query, out: TeacherOutput, meta: dict[str, Any]) ->
 
 
 def _with_meta(record: SequenceRecord, meta: dict[str, Any]) -> SequenceRecord:
+    """The record with a job's or request's meta; its score_ids values stay with it."""
+    if SCORE_META in record.meta:
+        meta = {**meta, SCORE_META: record.meta[SCORE_META]}
     return record if record.meta == meta else dataclasses.replace(record, meta=meta)

@@ -1,0 +1,253 @@
+"""On-policy (GKD) training through a real teacher server over a tiny teacher.
+
+The teacher is served for real (uvicorn, transformers backend); the student samples, the
+server scores with the student's top-N as score_ids and stores every sample in the run's
+dataset. The quality check's reference is independent: a dense float64 reverse KL
+computed here from both models' full logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from service_support import DISTILL, thread_server
+from trainer_support import max_weight_difference, task_tokenizer, tiny_model, write_teacher_shards
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distillcache.services.teacher.readiness import free_port, wait_ready
+from distillcache.services.teacher.settings import TeacherSettings
+from distillcache.shared.inputs import render_prompt, user_turn
+from distillcache.shared.manifest import MANIFEST
+from distillcache.shared.reader import ShardDataset
+from distillcache.shared.tiny_models import synthetic_task_rows
+from distillcache.trainer.config import TrainConfig
+from distillcache.trainer.loop import train
+from distillcache.trainer.teacher_client import TeacherClient, TeacherUnavailable
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A task tokenizer, a tiny teacher behind a real server, its shards, a tiny student."""
+    root = tmp_path_factory.mktemp("onpolicy")
+    tokenizer = task_tokenizer(root / "tokenizer")
+    rows = list(synthetic_task_rows(60, seed=1))
+    teacher = tiny_model(root / "teacher", tokenizer, hidden=64, seed=3)
+    shards = write_teacher_shards(teacher, rows, root / "shards", k=8)
+    student = tiny_model(root / "student", tokenizer, hidden=64, seed=5)
+    settings = TeacherSettings(
+        model=str(teacher), data_root=root / "served", max_k=64, default_k=8, flush_rows=1
+    )
+    with thread_server(settings) as url:
+        yield {
+            "root": root,
+            "tokenizer": tokenizer,
+            "teacher": teacher,
+            "shards": shards,
+            "student": student,
+            "url": url,
+            "served": root / "served",
+        }
+
+
+def config(world, out: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        data=str(world["shards"]),
+        student=str(world["student"]),
+        output_dir=str(out),
+        loss="reverse_kl",
+        batch_size=4,
+        max_steps=4,
+        lr=3e-3,
+        warmup_steps=1,
+        max_length=96,
+        chunk_size=64,
+        log_every=1,
+        progress=False,
+        tensorboard=False,
+        on_policy_fraction=1.0,
+        teacher_url=world["url"],
+        sample_max_new_tokens=12,
+        score_top=8,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_run_resumes_exactly_and_stores_every_sample(world, tmp_path):
+    straight = train(config(world, tmp_path / "straight", on_policy_fraction=0.6))
+    train(config(world, tmp_path / "resumed", on_policy_fraction=0.6, stop_at_step=2))
+    resumed = train(config(world, tmp_path / "resumed", on_policy_fraction=0.6, resume="auto"))
+    assert max_weight_difference(straight, resumed) <= 1e-6
+    logged = [r for r in metrics(tmp_path / "straight") if "onpolicy/teacher_tokens" in r]
+    assert sum(r["onpolicy/teacher_tokens"] for r in logged) > 0
+    assert all(r["time/sample_s"] >= 0 and r["time/score_s"] >= 0 for r in logged)
+    on_steps = [r["step"] for r in logged if r["onpolicy/teacher_tokens"] > 0]
+    assert 0 < len(on_steps) < 4, "0.6 draws a mix of on- and off-policy steps"
+    rows = list(ShardDataset(world["served"] / "onpolicy-straight").iter_records())
+    assert {r.meta["step"] for r in rows} == {s - 1 for s in on_steps}
+    assert len(rows) == 4 * len(on_steps)
+
+
+def test_teacher_down_is_one_line_naming_the_url():
+    client = TeacherClient("http://127.0.0.1:9", max_retries=2, backoff_s=0.01)
+    pair = {"prompt_ids": [1, 2], "completion_ids": [3]}
+    with pytest.raises(TeacherUnavailable, match=r"teacher at http://127.0.0.1:9 did not answer"):
+        client.score([pair], k=None, dataset=None)
+
+
+def _held_out_reverse_kl(world, student_dir: Path, prompts: list[list[int]]) -> float:
+    """Dense float64 reverse KL(student || teacher) per token on the student's own samples
+    (seeded), from both models' full logits: independent of the service and the loss."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(world["teacher"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    vocab = len(tokenizer)
+    total, count = 0.0, 0
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = student.generate(
+                ids,
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=12,
+                pad_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            seq, n = out, out.shape[1] - len(prompt)
+            positions = slice(len(prompt) - 1, len(prompt) - 1 + n)
+            s = torch.log_softmax(student(seq).logits[0, positions, :vocab].double(), -1)
+            t = torch.log_softmax(teacher(seq).logits[0, positions, :vocab].double(), -1)
+            total += float((s.exp() * (s - t)).sum())
+            count += n
+    return total / count
+
+
+@pytest.mark.slow
+def test_on_policy_beats_off_policy_on_the_students_own_samples(world, tmp_path, record_property):
+    tokenizer = AutoTokenizer.from_pretrained(world["student"])
+    held_out = [
+        render_prompt(tokenizer, user_turn(r["question"])) for r in synthetic_task_rows(12, seed=99)
+    ]
+    gaps = []
+    for seed in (0, 1, 2):
+        kl = {}
+        for fraction in (0.0, 1.0):
+            out = tmp_path / f"s{seed}-l{fraction}"
+            train(config(world, out, seed=seed, on_policy_fraction=fraction, max_steps=12))
+            kl[fraction] = _held_out_reverse_kl(world, out, held_out)
+        gaps.append(kl[0.0] - kl[1.0])
+        record_property(f"reverse_kl_seed{seed}", kl)
+    gaps = np.array(gaps)
+    assert (gaps > 0).all() and gaps.min() > gaps.max() - gaps.min(), gaps
+
+
+def _published_rows(dataset: Path) -> int:
+    try:
+        manifest = json.loads((dataset / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(shard["rows"] for shard in manifest["shards"])
+
+
+@contextmanager
+def _serve(world, data: Path, port: int, log: Path):
+    """``distill serve`` over the world's teacher on a fixed port (a restart keeps the URL)."""
+    args = ["--model", str(world["teacher"]), "--data-root", str(data), "--max-k", "64"]
+    args += ["--default-k", "8", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [DISTILL, "serve", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DISTILL_FLUSH_ROWS": "1", "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process=process)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_teacher_killed_mid_run_then_restarted_finishes_with_no_sample_scored_twice(
+    world, tmp_path
+):
+    port, data, log = free_port(), tmp_path / "served", tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    run = config(world, out, teacher_url=url, max_steps=6, save_every=1)
+    with _serve(world, data, port, log) as process:
+        killer_done = threading.Event()
+
+        def kill_after_two_steps() -> None:
+            while _published_rows(data / "onpolicy-run") < 8 and process.poll() is None:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+            killer_done.set()
+
+        threading.Thread(target=kill_after_two_steps, daemon=True).start()
+        with pytest.raises(TeacherUnavailable, match=f"teacher at {url} did not answer"):
+            train(run)
+        assert killer_done.wait(60)
+    assert (out / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
+    with _serve(world, data, port, log):
+        train(run.model_copy(update={"resume": "auto"}))
+    rows = list(ShardDataset(data / "onpolicy-run").iter_records())
+    samples = [(r.meta["step"], r.meta["micro"], r.meta["row"]) for r in rows]
+    assert sorted(samples) == [(s, 0, i) for s in range(6) for i in range(4)]
+    scored = sum(r.get("onpolicy/teacher_tokens", 0) for r in metrics(out))
+    assert scored <= sum(len(r.completion_ids) for r in rows), "a sample was scored twice"
+    straight = train(config(world, tmp_path / "straight", max_steps=6))
+    assert max_weight_difference(straight, out) <= 1e-6
+
+
+def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
+    settings = TeacherSettings(
+        model=str(world["teacher"]), data_root=tmp_path / "data", queue_size=1, max_batch_size=1
+    )
+    stop = threading.Event()
+
+    def keep_busy(url: str, i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                body = {"prompt_ids": [5, i, n % 300], "max_tokens": 48, "cache": "bypass"}
+                c.post("/v1/generate", json=body)
+
+    with thread_server(settings) as url:
+        threads = [threading.Thread(target=keep_busy, args=(url, i)) for i in range(6)]
+        for t in threads:
+            t.start()
+        client = TeacherClient(url)
+        try:
+            pair = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}
+            scored, call = client.score([pair], k=4, dataset=None)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            client.close()
+    assert client.busy_waits > 0, "the queue of 1 never refused the client"
+    assert scored[0].topk_ids.shape == (2, 4) and call.scored_tokens == 2

@@ -1,0 +1,173 @@
+"""The trainer's client of a live teacher service: ``POST /v1/score`` over Arrow IPC.
+
+What this file decides, and why:
+
+- Answers come as Arrow IPC (``Accept: application/vnd.apache.arrow.stream``), decoded
+  with the store's codec named in the stream's metadata: binary floats, no JSON round
+  trip (bench/onpolicy.py measures the difference).
+- A busy teacher (429) is retried as often as it takes, after the ``Retry-After`` it
+  names: it is up and will answer. A teacher that cannot be reached (connection
+  refused, reset, 5xx) is retried ``max_retries`` times with doubling backoff, then the
+  run stops with one line naming the URL: resuming later is exact.
+- ``score_ids`` a backend cannot answer (vLLM: 400 naming score_ids) switch the client to
+  the teacher's top-k only, with one warning for the whole run; the union loss then has
+  the student's ids with no teacher value, which ``union_teacher_log_probs`` reads from
+  the tail bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+
+from distillcache.shared.codec import decode_logprobs
+from distillcache.shared.schema import PARQUET_METADATA_KEY, DatasetInfo
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+TOKEN_ENV = "DISTILL_AUTH_TOKEN"
+log = logging.getLogger(__name__)
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher could not be reached after the bounded retries."""
+
+
+@dataclass
+class ScoredSequence:
+    """The teacher's answer for one (prompt, completion) pair, per completion position:
+    ``topk_ids``/``topk_logprobs`` [C, k], ``tail_logprob`` [C] and, when score_ids were
+    answered, ``score_logprobs`` [C, s] (None when the teacher could not)."""
+
+    key: str
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    tail_logprob: np.ndarray
+    score_logprobs: np.ndarray | None
+    cached: bool
+
+
+@dataclass
+class ScoreCall:
+    """What one call cost: teacher tokens scored fresh, tokens answered from the cache."""
+
+    scored_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        headers = {"Accept": ARROW_STREAM}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.score_ids_supported = True
+        self.busy_waits = 0  # 429s answered by waiting their Retry-After
+
+    def close(self) -> None:
+        self.http.close()
+
+    def score(
+        self,
+        pairs: list[dict[str, Any]],
+        *,
+        k: int | None,
+        dataset: str | None,
+    ) -> tuple[list[ScoredSequence], ScoreCall]:
+        """Score ``pairs`` (``prompt_ids``, ``completion_ids``, optional ``score_ids`` and
+        ``meta``), storing them in ``dataset``."""
+        if not self.score_ids_supported:
+            pairs = [{f: v for f, v in p.items() if f != "score_ids"} for p in pairs]
+        body: dict[str, Any] = {"pairs": pairs, "dataset": dataset}
+        if k is not None:
+            body["k"] = k
+        response = self._post("/v1/score", body)
+        if response.status_code == 400 and "score_ids" in response.text:
+            log.warning(
+                "teacher at %s cannot return log-probs at score_ids (%s); training on the "
+                "teacher's top-k only for the rest of this run",
+                self.url,
+                response.json().get("detail", response.text),
+            )
+            self.score_ids_supported = False
+            return self.score(pairs, k=k, dataset=dataset)
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"teacher at {self.url}: /v1/score answered {response.status_code}: "
+                f"{response.text[:500]}"
+            )
+        return _decode(response.content)
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        failures = 0
+        while True:
+            try:
+                response = self.http.post(path, json=body)
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if response.status_code == 429:
+                    self.busy_waits += 1
+                    time.sleep(float(response.headers.get("Retry-After", "1")))
+                    continue
+                if response.status_code < 500:
+                    return response
+                problem = f"HTTP {response.status_code}"
+            failures += 1
+            if failures > self.max_retries:
+                raise TeacherUnavailable(
+                    f"teacher at {self.url} did not answer after {failures} tries "
+                    f"({problem}); start it (distill serve) and resume the run"
+                )
+            time.sleep(self.backoff_s * 2 ** (failures - 1))
+
+
+def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
+    table = pa.ipc.open_stream(content).read_all()
+    info = DatasetInfo.model_validate_json(table.schema.metadata[PARQUET_METADATA_KEY])
+    call = ScoreCall()
+    out = []
+    for row in table.to_pylist():
+        n_prompt = len(row["prompt_ids"])
+        # Positions from logprob_start; keep those that predict completion tokens.
+        skip = n_prompt - row["logprob_start"]
+        ids = np.asarray(row["topk_ids"], dtype=np.int64)[skip:]
+        lps = decode_logprobs(np.asarray(row["topk_logprobs"]), info.logprob_codec)[skip:]
+        tail = np.asarray(row["tail_logprob"], dtype=np.float32)[skip:]
+        scores = row["score_logprobs"]
+        n = len(row["completion_ids"])
+        if row["cached"]:
+            call.cached_tokens += n
+        else:
+            call.scored_tokens += n
+        out.append(
+            ScoredSequence(
+                key=row["key"],
+                topk_ids=ids,
+                topk_logprobs=lps.astype(np.float32),
+                tail_logprob=tail,
+                score_logprobs=None
+                if scores is None
+                else np.asarray(scores, dtype=np.float32)[skip:],
+                cached=bool(row["cached"]),
+            )
+        )
+    return out, call
