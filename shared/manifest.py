@@ -34,6 +34,8 @@ class ShardEntry(BaseModel):
     sha256: str
     writer_id: str
     created: float
+    # Written with Parquet page checksums (CRC-32 of every page, checked on every read).
+    page_checksums: bool = False
 
 
 class Manifest(BaseModel):
@@ -87,11 +89,16 @@ def write_manifest_atomic(root: str | os.PathLike, manifest: Manifest) -> None:
     root = Path(root)
     manifest.updated = time.time()
     tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(manifest.model_dump_json(indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
+    try:
+        with open(tmp, "w") as f:
+            f.write(manifest.model_dump_json(indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MANIFEST)
+    except OSError:
+        # The old manifest stands; a half-written temporary must not take disk or confuse.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(root)
 
 
