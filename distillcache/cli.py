@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from distillcache.services.teacher.cli import cache, serve
-from distillcache.shared.cli import inspect, verify
+from distillcache.shared.cli import export, inspect, verify
 from distillcache.trainer.cli import train
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app = typer.Typer(
 
 app.command(rich_help_panel="Datasets")(inspect)
 app.command(rich_help_panel="Datasets")(verify)
+app.command(rich_help_panel="Datasets")(export)
 app.command(rich_help_panel="Training")(train)
 app.command(rich_help_panel="Teacher")(serve)
 app.command(rich_help_panel="Teacher")(cache)

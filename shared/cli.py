@@ -1,4 +1,4 @@
-"""`distill inspect` and `distill verify`: look at a dataset without training on it."""
+"""`distill inspect`, `verify` and `export`: look at a dataset, check it, copy it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .codec import decode_logprobs
+from .export import export_dataset
 from .manifest import DatasetError
 from .reader import ShardDataset, verify_dataset
+from .schema import LogprobCodec
 
 _BINS = np.linspace(0.0, 1.0, 11)
 
@@ -47,7 +49,9 @@ def _bars(counts: np.ndarray, title: str) -> Table:
 
 
 def inspect(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory (holds manifest.json).")],
+    dataset: Annotated[
+        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+    ],
 ) -> None:
     """Summarize a dataset: size, bytes per token, k, teacher, tokenizer, histograms.
 
@@ -92,7 +96,9 @@ def inspect(
 
 
 def verify(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory (holds manifest.json).")],
+    dataset: Annotated[
+        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+    ],
 ) -> None:
     """Check every shard's sha256, size, schema and row count against the manifest.
 
@@ -111,4 +117,32 @@ def verify(
     ds = ShardDataset(dataset)
     console.print(
         f"[green]ok:[/green] {len(ds.manifest.shards)} shards, {ds.manifest.rows:,} rows verified"
+    )
+
+
+def export(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory to copy.")],
+    out: Annotated[Path, typer.Argument(help="New dataset directory to create.")],
+    codec: Annotated[
+        LogprobCodec, typer.Option(help="Log-prob codec of the copy; float32 gives plain floats.")
+    ] = "float32",
+) -> None:
+    """Copy a dataset with another log-prob codec, in the current shard layout.
+
+    `--codec float32` (the default) gives plain float log-probs in every Parquet reader.
+    Going to a more exact codec cannot restore what the source codec rounded away: the
+    copy's metadata says so (`precision`). Also brings older datasets to the current
+    schema version.
+    """
+    console = Console(soft_wrap=True)
+    try:
+        manifest = export_dataset(dataset, out, codec)
+    except DatasetError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    info = manifest.info
+    exact = f"; values as exact as {info.precision}" if info.precision else ""
+    console.print(
+        f"[green]ok:[/green] {manifest.rows:,} rows, {manifest.tokens:,} scored tokens,"
+        f" {manifest.bytes:,} bytes in {out} (codec {info.logprob_codec}{exact})"
     )

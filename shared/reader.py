@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import decode_logprobs
-from .manifest import MANIFEST, DatasetError, Manifest, ShardEntry, read_manifest
+from .manifest import DatasetError, Manifest, ShardEntry, read_manifest
 from .schema import PARQUET_METADATA_KEY, DatasetInfo, shard_schema
 from .writer import file_sha256
 
@@ -95,7 +95,7 @@ class ShardDataset:
     def open_shard(self, name: str, *, verify: bool = False) -> pq.ParquetFile:
         entry = self._entries.get(name)
         if entry is None:
-            raise DatasetError(f"{self.root / name}: not listed in {self.root / MANIFEST}")
+            raise DatasetError(f"{self.root / name}: not listed in the manifest of {self.root}")
         path = self.root / name
         try:
             st = path.stat()

@@ -1,9 +1,10 @@
 """The shard contract, declared once: columns, their Arrow types and encodings, and metadata.
 
 Both halves of distillcache (teacher and trainer) import this module; neither re-declares
-a column. A dataset is a directory with ``manifest.json`` and ``*.parquet`` shards, one row
-per sequence. The scored arrays of a row (``topk_*``, ``token_logprob``, ``tail_logprob``)
-cover the positions ``logprob_start .. len(prompt_ids) + len(completion_ids) - 1`` of the
+a column. A dataset is a directory with ``.manifest.json`` and ``*.parquet`` shards, one row
+per sequence (the manifest's name starts with a dot so that every Parquet reader opens the
+directory as a dataset as it is). The scored arrays of a row (``topk_*``,
+``token_logprob``, ``tail_logprob``) cover the positions ``logprob_start .. len(prompt_ids) + len(completion_ids) - 1`` of the
 sequence ``prompt_ids + completion_ids``: entry j is the teacher's distribution over token
 ``logprob_start + j`` given every token before it. For generated or scored completions
 ``logprob_start == len(prompt_ids)``, so entry j is about completion token j.
@@ -21,7 +22,10 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+# 2: the manifest is ``.manifest.json`` (was ``manifest.json``), shards carry page
+# checksums and self-describing field metadata. Version-1 datasets still read.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 KEY = "key"
 PROMPT_IDS = "prompt_ids"
@@ -56,12 +60,35 @@ LogprobCodec = Literal["cbrt-u8", "float16", "float32"]
 # Parquet key-value metadata key holding the JSON of DatasetInfo.
 PARQUET_METADATA_KEY = b"distillcache"
 
+# How to turn each codec's stored numbers ``x`` into natural-log probabilities: in words,
+# and as a DuckDB SQL expression over ``x`` (tests evaluate the SQL against the reader).
+CODEC_DECODE: dict[str, tuple[str, str]] = {
+    "cbrt-u8": (
+        "one-byte code x of p ** (1/3): logprob = 3 * ln(max(x, 0.25) / 255)",
+        "3 * ln(greatest(x, 0.25) / 255)",
+    ),
+    "float16": ("log-probs as float16: logprob = x", "x"),
+    "float32": ("log-probs as float32: logprob = x", "x"),
+}
+# From most to least exact: a dataset's values are as exact as the last codec in this
+# order they went through (see DatasetInfo.precision).
+CODEC_EXACTNESS: tuple[str, ...] = ("float32", "float16", "cbrt-u8")
+TOPK_ORDER_NOTE = (
+    "ids sorted ascending within each position, not by probability; order a position by"
+    " its topk_logprobs to get the top-1 first"
+)
+
 
 def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
-    """The Arrow schema of a shard holding top-``k`` log-probs stored with ``codec``."""
+    """The Arrow schema of a shard holding top-``k`` log-probs stored with ``codec``.
+
+    ``topk_ids`` and ``topk_logprobs`` carry field metadata (``order``; ``codec``,
+    ``decode`` and ``decode_sql``) so that a shard explains itself in any Arrow reader.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     lp_type = {"cbrt-u8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[codec]
+    words, sql = CODEC_DECODE[codec]
     return pa.schema(
         [
             pa.field(KEY, pa.string(), nullable=False),
@@ -69,8 +96,18 @@ def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
             pa.field(COMPLETION_IDS, pa.list_(pa.int32()), nullable=False),
             pa.field(COMPLETION_TEXT, pa.string()),
             pa.field(LOGPROB_START, pa.int32(), nullable=False),
-            pa.field(TOPK_IDS, pa.list_(pa.list_(pa.int32(), k)), nullable=False),
-            pa.field(TOPK_LOGPROBS, pa.list_(pa.list_(lp_type, k)), nullable=False),
+            pa.field(
+                TOPK_IDS,
+                pa.list_(pa.list_(pa.int32(), k)),
+                nullable=False,
+                metadata={"order": TOPK_ORDER_NOTE},
+            ),
+            pa.field(
+                TOPK_LOGPROBS,
+                pa.list_(pa.list_(lp_type, k)),
+                nullable=False,
+                metadata={"codec": codec, "decode": words, "decode_sql": sql},
+            ),
             pa.field(TOKEN_LOGPROB, pa.list_(pa.float32()), nullable=False),
             pa.field(TAIL_LOGPROB, pa.list_(pa.float32()), nullable=False),
             pa.field(FINISH_REASON, pa.string()),
@@ -78,6 +115,22 @@ def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
             pa.field(META, pa.string()),
         ]
     )
+
+
+def shard_metadata(info: DatasetInfo) -> dict[bytes, bytes]:
+    """File-level key-value metadata of every shard: the DatasetInfo and the decoding.
+
+    The codec and its formula are repeated under plain keys so that tools that show only
+    file metadata (``duckdb.parquet_kv_metadata``, ``pq.read_metadata``) show them.
+    """
+    words, sql = CODEC_DECODE[info.logprob_codec]
+    return {
+        PARQUET_METADATA_KEY: info.to_json().encode(),
+        b"distillcache.topk_logprobs.codec": info.logprob_codec.encode(),
+        b"distillcache.topk_logprobs.decode": words.encode(),
+        b"distillcache.topk_logprobs.decode_sql": sql.encode(),
+        b"distillcache.topk_ids.order": TOPK_ORDER_NOTE.encode(),
+    }
 
 
 def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
@@ -88,8 +141,10 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
     or nearly constant below a 16M vocabulary) compress away and zstd sees the low bytes'
     structure. One-byte log-prob codes are stored as INT32 by Parquet: dictionary encoding
     bit-packs them back to at most 8 bits before zstd, which is both smaller and faster
-    than compressing four bytes per code. Floats use BYTE_STREAM_SPLIT (sign/exponent
-    bytes compress, mantissa bytes do not).
+    than compressing four bytes per code. Float32 columns use BYTE_STREAM_SPLIT
+    (sign/exponent bytes compress, mantissa bytes do not); float16 log-probs use the plain
+    encoding, because DuckDB reads BYTE_STREAM_SPLIT only for FLOAT, DOUBLE, INT32 and
+    INT64.
     """
     dictionary = ["key", "finish_reason", "request"]
     encodings = {
@@ -99,6 +154,8 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
     }
     if codec == "cbrt-u8":
         dictionary.append(f"{TOPK_LOGPROBS}.list.element.list.element")
+    elif codec == "float16":
+        encodings[f"{TOPK_LOGPROBS}.list.element.list.element"] = "PLAIN"
     else:
         encodings[f"{TOPK_LOGPROBS}.list.element.list.element"] = "BYTE_STREAM_SPLIT"
     return {"use_dictionary": dictionary, "column_encoding": encodings}
@@ -134,6 +191,12 @@ class DatasetInfo(BaseModel):
     logit_width: int = Field(gt=0, description="Width of the model's logits (may be padded).")
     k: int = Field(gt=0)
     logprob_codec: LogprobCodec = "cbrt-u8"
+    precision: LogprobCodec | None = Field(
+        None,
+        description="The least exact codec the stored values went through before this one"
+        " (a cbrt-u8 dataset exported as float32 keeps cbrt-u8's numbers); None: only"
+        " logprob_codec's own rounding.",
+    )
     logprobs_mode: str = Field(
         "raw_logprobs", description="What was stored: the teacher's raw T=1 log-softmax."
     )
@@ -153,9 +216,15 @@ class DatasetInfo(BaseModel):
                 "logit_width",
                 "k",
                 "logprob_codec",
+                "precision",
                 "logprobs_mode",
             }
         )
+
+    @property
+    def exact_as(self) -> LogprobCodec:
+        """The codec whose rounding bounds these values' exactness (for cache hits)."""
+        return self.precision or self.logprob_codec
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)

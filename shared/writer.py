@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from .codec import canonical_topk, encode_logprobs, tail_logprob
 from .manifest import ShardEntry, fsync_dir, locked_manifest
 from .record import SequenceRecord
-from .schema import PARQUET_METADATA_KEY, DatasetInfo, parquet_options, shard_schema
+from .schema import DatasetInfo, parquet_options, shard_metadata, shard_schema
 
 
 def default_writer_id() -> str:
@@ -78,9 +78,7 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.row_group_tokens = row_group_tokens
         self.compression_level = compression_level
-        self.schema = shard_schema(info.k, info.logprob_codec).with_metadata(
-            {PARQUET_METADATA_KEY: info.to_json().encode()}
-        )
+        self.schema = shard_schema(info.k, info.logprob_codec).with_metadata(shard_metadata(info))
         # Checks compatibility with an existing dataset before any work is done.
         with locked_manifest(self.root, info) as manifest:
             self._taken = {s.file for s in manifest.shards}
