@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .codec import decode_logprobs
 from .manifest import DatasetError, Manifest, ShardEntry, read_manifest
-from .schema import PARQUET_METADATA_KEY, DatasetInfo, shard_schema
+from .schema import PARQUET_METADATA_KEY, DatasetInfo
 from .writer import file_sha256
 
 
@@ -48,7 +48,9 @@ class DecodedBatch:
     """A row group as flat numpy arrays (ids zero-copy from Arrow, log-probs decoded).
 
     Row i's scored positions are ``pos_offsets[i]:pos_offsets[i+1]`` of the [N, k] arrays;
-    its prompt and completion ids are slices of the flat id arrays by their offsets.
+    its prompt and completion ids are slices of the flat id arrays by their offsets. In a
+    dataset with adaptive k, position j holds ``topk_counts[j]`` entries; the rest of its
+    row is padding: id ``PAD_ID`` (-1, which no vocabulary has) and log-prob -inf.
     """
 
     keys: list[str]
@@ -62,6 +64,7 @@ class DecodedBatch:
     topk_logprobs: np.ndarray
     token_logprob: np.ndarray
     tail_logprob: np.ndarray
+    topk_counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -84,7 +87,7 @@ class ShardDataset:
         self.manifest: Manifest = read_manifest(self.root)
         self.info: DatasetInfo = self.manifest.info
         self._entries = {s.file: s for s in self.manifest.shards}
-        self._schema = shard_schema(self.info.k, self.info.logprob_codec)
+        self._schema = self.info.schema()
         # Shards without page checksums whose sha256 matched, by their file's stat.
         self._hashed: dict[str, tuple[int, int, int]] = {}
 
@@ -204,6 +207,10 @@ class ShardDataset:
                 }
 
 
+# Padding of a position that keeps fewer than k entries (adaptive k): no vocabulary has it,
+# so a gather at it fails loudly instead of reading a real token's logit.
+PAD_ID = -1
+
 DECODED_COLUMNS = (
     "key",
     "prompt_ids",
@@ -231,9 +238,21 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
     _, tok = _flat(table.column("token_logprob"))
     _, tail = _flat(table.column("tail_logprob"))
     base = int(pos_off[0])
-    # flatten() honours slicing, so the values start at this table's first position.
-    id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-    lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    counts = None
+    if info.adaptive is None:
+        # flatten() honours slicing, so the values start at this table's first position.
+        id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        lp_values = decode_logprobs(lp_values, info.logprob_codec)
+    else:
+        positions = ids.flatten()
+        counts = np.diff(positions.offsets.to_numpy()).astype(np.int32)
+        keep = np.arange(k) < counts[:, None]
+        id_values = np.full(keep.shape, PAD_ID, dtype=np.int32)
+        id_values[keep] = positions.flatten().to_numpy(zero_copy_only=False)
+        lp_values = np.full(keep.shape, -np.inf, dtype=np.float32)
+        stored = lps.flatten().flatten().to_numpy(zero_copy_only=False)
+        lp_values[keep] = decode_logprobs(stored, info.logprob_codec)
     return DecodedBatch(
         keys=table.column("key").to_pylist(),
         prompt_offsets=p_off - p_off[0],
@@ -243,9 +262,10 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
         logprob_start=table.column("logprob_start").to_numpy(),
         pos_offsets=pos_off - base,
         topk_ids=id_values,
-        topk_logprobs=decode_logprobs(lp_values, info.logprob_codec),
+        topk_logprobs=lp_values,
         token_logprob=tok.flatten().to_numpy(zero_copy_only=False),
         tail_logprob=tail.flatten().to_numpy(zero_copy_only=False),
+        topk_counts=counts,
     )
 
 

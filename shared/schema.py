@@ -20,10 +20,11 @@ import json
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # 2: the manifest is ``.manifest.json`` (was ``manifest.json``), shards carry page
-# checksums and self-describing field metadata. Version-1 datasets still read.
+# checksums and self-describing field metadata, and a dataset may keep a variable number
+# of entries per position (adaptive k). Version-1 datasets still read.
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
@@ -79,16 +80,23 @@ TOPK_ORDER_NOTE = (
 )
 
 
-def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
+def shard_schema(k: int, codec: LogprobCodec, *, adaptive: bool = False) -> pa.Schema:
     """The Arrow schema of a shard holding top-``k`` log-probs stored with ``codec``.
 
-    ``topk_ids`` and ``topk_logprobs`` carry field metadata (``order``; ``codec``,
-    ``decode`` and ``decode_sql``) so that a shard explains itself in any Arrow reader.
+    With ``adaptive`` (a dataset with ``DatasetInfo.adaptive``) each position holds its own
+    number of entries, 1..k: ``topk_ids`` and ``topk_logprobs`` are lists of variable
+    lists instead of lists of fixed-size lists. ``topk_ids`` and ``topk_logprobs`` carry
+    field metadata (``order``; ``codec``, ``decode`` and ``decode_sql``) so that a shard
+    explains itself in any Arrow reader.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     lp_type = {"cbrt-u8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32()}[codec]
     words, sql = CODEC_DECODE[codec]
+
+    def entries(t: pa.DataType) -> pa.DataType:
+        return pa.list_(pa.list_(t) if adaptive else pa.list_(t, k))
+
     return pa.schema(
         [
             pa.field(KEY, pa.string(), nullable=False),
@@ -98,13 +106,13 @@ def shard_schema(k: int, codec: LogprobCodec) -> pa.Schema:
             pa.field(LOGPROB_START, pa.int32(), nullable=False),
             pa.field(
                 TOPK_IDS,
-                pa.list_(pa.list_(pa.int32(), k)),
+                entries(pa.int32()),
                 nullable=False,
                 metadata={"order": TOPK_ORDER_NOTE},
             ),
             pa.field(
                 TOPK_LOGPROBS,
-                pa.list_(pa.list_(lp_type, k)),
+                entries(lp_type),
                 nullable=False,
                 metadata={"codec": codec, "decode": words, "decode_sql": sql},
             ),
@@ -172,6 +180,30 @@ class SamplingInfo(BaseModel):
     seed: int | None = None
 
 
+class AdaptiveK(BaseModel):
+    """Per-position k, applied by the writer to a top-k capture (k = the most kept).
+
+    In each position's entries, most likely first, the writer keeps the first ``n``:
+    enough to reach kept probability ``mass`` and every entry of probability at least
+    ``min_prob`` (either rule may be left out), and at least ``min_k``. The tail bucket
+    (``tail_logprob``) carries the rest, recomputed exactly. ``min_prob`` is the rule
+    that spends entries best for a given mean tail mass (it keeps the largest
+    probabilities of the whole dataset); ``mass`` is the usual top-p.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mass: float | None = Field(None, gt=0.0, le=1.0)
+    min_prob: float | None = Field(None, gt=0.0, lt=1.0)
+    min_k: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> AdaptiveK:
+        if self.mass is None and self.min_prob is None:
+            raise ValueError("adaptive k needs mass, min_prob or both")
+        return self
+
+
 class DatasetInfo(BaseModel):
     """What a dataset holds and how it was made; stored in every shard and the manifest.
 
@@ -189,7 +221,8 @@ class DatasetInfo(BaseModel):
     tokenizer_hash: str
     vocab_size: int = Field(gt=0, description="Tokens the tokenizer knows.")
     logit_width: int = Field(gt=0, description="Width of the model's logits (may be padded).")
-    k: int = Field(gt=0)
+    k: int = Field(gt=0, description="Entries per position (with adaptive k: the most).")
+    adaptive: AdaptiveK | None = None
     logprob_codec: LogprobCodec = "cbrt-u8"
     precision: LogprobCodec | None = Field(
         None,
@@ -215,11 +248,16 @@ class DatasetInfo(BaseModel):
                 "vocab_size",
                 "logit_width",
                 "k",
+                "adaptive",
                 "logprob_codec",
                 "precision",
                 "logprobs_mode",
             }
         )
+
+    def schema(self) -> pa.Schema:
+        """This dataset's shard schema."""
+        return shard_schema(self.k, self.logprob_codec, adaptive=self.adaptive is not None)
 
     @property
     def exact_as(self) -> LogprobCodec:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from .codec import canonical_topk, encode_logprobs, tail_logprob
 from .manifest import ShardEntry, fsync_dir, locked_manifest
 from .record import SequenceRecord
-from .schema import DatasetInfo, parquet_options, shard_metadata, shard_schema
+from .schema import AdaptiveK, DatasetInfo, parquet_options, shard_metadata
 
 
 def default_writer_id() -> str:
@@ -78,7 +78,7 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.row_group_tokens = row_group_tokens
         self.compression_level = compression_level
-        self.schema = shard_schema(info.k, info.logprob_codec).with_metadata(shard_metadata(info))
+        self.schema = info.schema().with_metadata(shard_metadata(info))
         # Checks compatibility with an existing dataset before any work is done.
         with locked_manifest(self.root, info) as manifest:
             self._taken = {s.file for s in manifest.shards}
@@ -249,6 +249,27 @@ class ShardWriter:
             self._seq += 1
 
 
+def adaptive_counts(raw: np.ndarray, rule: AdaptiveK) -> tuple[np.ndarray, np.ndarray]:
+    """Entries each position keeps under ``rule``, and the log of the mass it drops.
+
+    ``raw`` [N, k] exact log-probs in any order. Returns (counts [N] int, dropped [N]
+    float32, -inf where nothing is dropped). The kept entries are each position's most
+    likely (of equal ones, the first in ``raw``).
+    """
+    k = raw.shape[1]
+    p = np.exp(-np.sort(-raw.astype(np.float64), axis=1))
+    wanted = np.zeros(len(raw), dtype=np.int64)
+    if rule.mass is not None:
+        # Entries before the one that brings the kept mass to ``mass``, plus that one.
+        wanted = np.maximum(wanted, (np.cumsum(p, axis=1) < rule.mass).sum(axis=1) + 1)
+    if rule.min_prob is not None:
+        wanted = np.maximum(wanted, (p >= rule.min_prob).sum(axis=1))
+    counts = np.clip(wanted, rule.min_k, k)
+    with np.errstate(divide="ignore"):
+        dropped = np.log(np.where(np.arange(k) >= counts[:, None], p, 0.0).sum(axis=1))
+    return counts, dropped.astype(np.float32)
+
+
 def records_to_table(
     records: list[SequenceRecord], schema: pa.Schema, info: DatasetInfo
 ) -> pa.Table:
@@ -258,26 +279,51 @@ def records_to_table(
     pos_offsets = np.zeros(len(records) + 1, dtype=np.int32)
     np.cumsum(n_scored, out=pos_offsets[1:])
     raw = np.concatenate([r.topk_logprobs for r in records])
-    tails = tail_logprob(raw)
+    raw_ids = np.concatenate([r.topk_ids for r in records])
+    given = np.zeros(len(raw), dtype=bool)
+    tails = np.zeros(len(raw), dtype=np.float32)
     for r, start in zip(records, pos_offsets[:-1], strict=True):
         if r.tail_logprob is not None:
             tails[start : start + r.n_scored] = r.tail_logprob
+            given[start : start + r.n_scored] = True
+    counts = None
+    if info.adaptive is not None:
+        counts, dropped = adaptive_counts(raw, info.adaptive)
+        # The dropped entries join the tail; they sort last (id past any vocabulary).
+        with np.errstate(divide="ignore"):
+            tails[given] = np.logaddexp(tails[given], dropped[given])
+        rank = np.empty(raw.shape, dtype=np.int64)
+        np.put_along_axis(
+            rank, np.argsort(-raw, axis=1, kind="stable"), np.arange(k)[None, :], axis=1
+        )
+        keep = rank < counts[:, None]
+        raw_ids = np.where(keep, raw_ids, np.iinfo(np.int32).max)
+        tails[~given] = tail_logprob(np.where(keep, raw, -np.inf)[~given])
+    else:
+        tails[~given] = tail_logprob(raw[~given])
     # Encoding is per entry, so it commutes with the sort by id; sorting the encoded
     # values moves fewer bytes.
-    ids, stored = canonical_topk(
-        np.concatenate([r.topk_ids for r in records]), encode_logprobs(raw, info.logprob_codec)
-    )
+    ids, stored = canonical_topk(raw_ids, encode_logprobs(raw, info.logprob_codec))
     offsets = pa.array(pos_offsets, type=pa.int32())
 
     def per_position(flat: np.ndarray, field: str) -> pa.Array:
         typ = schema.field(field).type
         return pa.ListArray.from_arrays(offsets, pa.array(flat, type=typ.value_type))
 
+    entry_offsets = None
+    if counts is not None:
+        entry_offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+        np.cumsum(counts, out=entry_offsets[1:])
+        entry_offsets = pa.array(entry_offsets)
+        kept = np.arange(k) < counts[:, None]
+
     def per_entry(flat: np.ndarray, field: str) -> pa.Array:
         typ = schema.field(field).type
-        inner = pa.FixedSizeListArray.from_arrays(
-            pa.array(flat.reshape(-1), type=typ.value_type.value_type), k
-        )
+        value_type = typ.value_type.value_type
+        if entry_offsets is None:
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), value_type), k)
+        else:
+            inner = pa.ListArray.from_arrays(entry_offsets, pa.array(flat[kept], value_type))
         return pa.ListArray.from_arrays(offsets, inner)
 
     def id_lists(arrays: list[np.ndarray]) -> pa.Array:
