@@ -13,7 +13,12 @@ import math
 import numpy as np
 import pytest
 
-from distillcache.shared.codec import canonical_topk, decode_logprobs, encode_logprobs
+from distillcache.shared.codec import (
+    canonical_topk,
+    codec_kl_estimate,
+    decode_logprobs,
+    encode_logprobs,
+)
 
 # code -> 3 * ln(code / 255), and code 0 -> 3 * ln(0.25 / 255), computed in float64.
 CBRT_DECODED = {
@@ -82,3 +87,20 @@ def test_canonical_order_sorts_ids_and_carries_each_value_with_its_id():
     got_ids, got_floats = canonical_topk(ids, floats)
     assert got_ids.tolist() == [[0, 3, 7, 500_000]]
     assert got_floats.tolist() == [[-7.0, -1.5, -0.25, -3.0]]
+
+
+@pytest.mark.parametrize("codec", ["cbrt-u8", "float16"])
+def test_the_codec_kl_estimate_agrees_with_the_kl_measured_on_exact_values(codec):
+    rng = np.random.default_rng(4)
+    logits = rng.standard_t(df=2, size=(4000, 300)) * 2.5
+    logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    exact = -np.sort(-logprobs, axis=1)[:, :32]
+    decoded = decode_logprobs(encode_logprobs(exact.astype(np.float32), codec), codec)
+    log_p = exact - np.logaddexp.reduce(exact, axis=1, keepdims=True)
+    d = decoded.astype(np.float64)
+    log_q = d - np.logaddexp.reduce(d, axis=1, keepdims=True)
+    measured = np.sum(np.exp(log_p) * (log_p - log_q), axis=1).mean()
+    estimated = codec_kl_estimate(decoded, codec).mean()
+    assert measured > 0
+    assert 0.8 < estimated / measured < 1.25, (estimated, measured)
+    assert codec_kl_estimate(exact, "float32").max() == 0

@@ -254,8 +254,13 @@ def test_inspect_shows_rows_k_and_histograms(tmp_path):
         "tiny-teacher",
         "top-1 probability",
         "outside the top-k",
+        "codec KL to exact (est.)",
     ):
         assert expected in result.output
+    exact = tmp_path / "exact"
+    write_dataset(exact, 3, k=8, codec="float32")
+    result = CliRunner().invoke(app, ["inspect", str(exact)])
+    assert "0.0e+00 nats / position" in result.output
 
 
 CODECS = ["cbrt-u8", "float16", "float32"]
