@@ -15,8 +15,9 @@ Codecs for the stored log-probs:
   ``logp = 3 * log(code / 255)``. The KL cost of a log-prob error ``e_i`` is about
   ``1/2 * sum_i p_i * e_i**2``, so the optimal step grows like ``p ** -1/2``: a power
   compander spends its levels where the mass is. Code 0 (``p < 7.5e-9``) decodes to
-  ``3 * log(0.25 / 255)``. Measured cost on SmolLM2-135M over real text: 2.7e-5 nats (k=20)
-  and 5.0e-5 nats (k=64) of KL from the exact top-k distribution (bench/shards.py).
+  ``3 * log(0.25 / 255)``. Measured cost on SmolLM2-135M over real text: 3.2e-5 nats (k=20)
+  and 5.8e-5 nats (k=64) of KL from the exact top-k distribution (bench/shards.py,
+  docs/benchmarks.md).
 """
 
 from __future__ import annotations
