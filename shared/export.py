@@ -38,7 +38,9 @@ def export_dataset(src: str | Path, dst: str | Path, codec: LogprobCodec) -> Man
             "precision": None if bound == codec else bound,
         }
     )
-    with ShardWriter(dst, info, writer_id="export") as writer:
+    # An adaptive source's positions are cut already; cutting the decoded values again
+    # could keep a different number of entries.
+    with ShardWriter(dst, info, writer_id="export", cut=False) as writer:
         for row in source.iter_rows(verify=True):
             writer.write(
                 SequenceRecord(

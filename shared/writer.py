@@ -70,6 +70,7 @@ class ShardWriter:
         max_shard_bytes: int = 256 << 20,
         row_group_tokens: int = 65_536,
         compression_level: int = 3,
+        cut: bool = True,
     ) -> None:
         self.root = Path(root)
         self.info = info
@@ -78,6 +79,9 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.row_group_tokens = row_group_tokens
         self.compression_level = compression_level
+        # False: records were cut by this dataset's adaptive rule already (an export); keep
+        # each position's finite entries as they are instead of cutting again.
+        self.cut = cut
         self.schema = info.schema().with_metadata(shard_metadata(info))
         # Checks compatibility with an existing dataset before any work is done.
         with locked_manifest(self.root, info) as manifest:
@@ -150,7 +154,9 @@ class ShardWriter:
 
     def _write_row_group(self, *, rotate: bool = True) -> None:
         if self._buffer:
-            self._tables.append(records_to_table(self._buffer, self.schema, self.info))
+            self._tables.append(
+                records_to_table(self._buffer, self.schema, self.info, cut=self.cut)
+            )
             self._shard_rows += len(self._buffer)
             self._shard_tokens += self._buffer_tokens
             self._buffer.clear()
@@ -271,9 +277,13 @@ def adaptive_counts(raw: np.ndarray, rule: AdaptiveK) -> tuple[np.ndarray, np.nd
 
 
 def records_to_table(
-    records: list[SequenceRecord], schema: pa.Schema, info: DatasetInfo
+    records: list[SequenceRecord], schema: pa.Schema, info: DatasetInfo, *, cut: bool = True
 ) -> pa.Table:
-    """Canonicalize and encode a batch of records as one Arrow table (no per-token Python)."""
+    """Canonicalize and encode a batch of records as one Arrow table (no per-token Python).
+
+    With adaptive k, ``cut`` applies the dataset's rule; ``cut=False`` keeps each
+    position's finite entries (records read from a dataset with this rule, padded -inf).
+    """
     k = info.k
     n_scored = np.fromiter((r.n_scored for r in records), dtype=np.int64, count=len(records))
     pos_offsets = np.zeros(len(records) + 1, dtype=np.int32)
@@ -288,7 +298,11 @@ def records_to_table(
             given[start : start + r.n_scored] = True
     counts = None
     if info.adaptive is not None:
-        counts, dropped = adaptive_counts(raw, info.adaptive)
+        if cut:
+            counts, dropped = adaptive_counts(raw, info.adaptive)
+        else:
+            counts = np.isfinite(raw).sum(axis=1)
+            dropped = np.full(len(raw), -np.inf, dtype=np.float32)
         # The dropped entries join the tail; they sort last (id past any vocabulary).
         with np.errstate(divide="ignore"):
             tails[given] = np.logaddexp(tails[given], dropped[given])

@@ -153,3 +153,18 @@ def test_the_trainer_refuses_an_adaptive_dataset_with_a_clear_error(tmp_path):
         ShardSource(tmp_path)
     ids_only = ShardSource(tmp_path, with_teacher=False)
     assert [e.key for e in ids_only.load(ids_only.units()[0])] == ["k"]
+
+
+def test_exporting_an_adaptive_dataset_keeps_every_position_as_it_was(tmp_path):
+    from distillcache.shared.export import export_dataset
+
+    rng = np.random.default_rng(1)
+    src, out = tmp_path / "src", tmp_path / "out"
+    rule = AdaptiveK(mass=0.7, min_k=2)
+    with ShardWriter(src, make_info(K, "cbrt-u8", adaptive=rule)) as writer:
+        writer.write_many(make_record(rng, f"k{i}", K, 2, 6) for i in range(4))
+    manifest = export_dataset(src, out, "float32")
+    assert manifest.info.adaptive == rule and manifest.info.precision == "cbrt-u8"
+    for a, b in zip(ShardDataset(src).iter_rows(), ShardDataset(out).iter_rows(), strict=True):
+        for column in ("topk_ids", "topk_logprobs", "tail_logprob", "token_logprob"):
+            np.testing.assert_array_equal(a[column], b[column], err_msg=column)
