@@ -6,7 +6,9 @@ fsync, its rename, the directory fsync, and the manifest's create, write, fsync,
 directory fsync. After the fault the "disk is freed" and writing goes on. Whatever the
 site, every record accepted is published exactly once, with its own values, under a name
 no other shard had, and the manifest's counts are true (``verify_dataset`` checks each
-shard's sha256 and rows against it).
+shard's sha256 and rows against it). Where the test may mount a tmpfs (root), a last test
+fills a real 512 KiB filesystem instead of injecting the error; the writer before this
+test existed failed it with "20 rows, manifest says 25".
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +252,62 @@ def test_an_altered_shard_without_page_checksums_is_refused_before_first_use(tmp
     ds = ShardDataset(root)
     with pytest.raises(manifest_module.DatasetError, match=f"{shard.name}.*altered"):
         ds.read_row_group(ds.row_groups([shard.name])[0])
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 512 KiB tmpfs: a disk that really fills up (skipped where mounting is not allowed)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_really_full_disk_loses_no_row_once_space_is_freed(tiny_filesystem):
+    root = tiny_filesystem / "ds"
+    rng = np.random.default_rng(11)
+    records = [make_record(rng, f"key-{i:02d}", 8, 3, 6) for i in range(30)]
+    writer = ShardWriter(root, make_info(), max_shard_rows=5, row_group_tokens=12)
+    writer.write_many(records[:5])
+    assert read_manifest(root).rows == 5
+    filler = tiny_filesystem / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    os.truncate(filler, filler.stat().st_size - 3 * 4096)  # room for part of a shard
+
+    failures = 0
+    for record in records[5:]:
+        try:
+            writer.write(record)
+        except OSError:
+            failures += 1
+            assert verify_dataset(root)[0] == []
+    try:
+        writer.flush()
+    except OSError:
+        failures += 1
+    assert failures >= 1, "the disk never filled up"
+    filler.unlink()
+    writer.close()
+
+    assert verify_dataset(root)[0] == []
+    manifest = read_manifest(root)
+    assert manifest.rows == len(records)
+    rows = sorted(ShardDataset(root).iter_rows(), key=lambda row: row["key"])
+    assert [row["key"] for row in rows] == [r.key for r in records]
+    for row, record in zip(rows, records, strict=True):
+        assert_row_matches(row, record)
+    assert not list(root.glob(".*.tmp")), "a failed write left a temporary file"
