@@ -147,9 +147,11 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
     See docs/shard-format.md for the figures. Top-k ids are sorted within a position;
     BYTE_STREAM_SPLIT puts each byte of the ids in its own stream, so the high bytes (zero
     or nearly constant below a 16M vocabulary) compress away and zstd sees the low bytes'
-    structure. One-byte log-prob codes are stored as INT32 by Parquet: dictionary encoding
-    bit-packs them back to at most 8 bits before zstd, which is both smaller and faster
-    than compressing four bytes per code. Float32 columns use BYTE_STREAM_SPLIT
+    structure. One-byte log-prob codes are stored as INT32 by Parquet; BYTE_STREAM_SPLIT
+    leaves their three zero bytes in streams zstd removes, and measured against dictionary
+    encoding (which bit-packs them to 8 bits) it writes the column 22-30% faster at the same
+    size (+-0.2%) and reads it as fast (SmolLM2 top-20/64, CPU time). Float32 columns use
+    BYTE_STREAM_SPLIT
     (sign/exponent bytes compress, mantissa bytes do not); float16 log-probs use the plain
     encoding, because DuckDB reads BYTE_STREAM_SPLIT only for FLOAT, DOUBLE, INT32 and
     INT64.
@@ -160,9 +162,7 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
         f"{TOKEN_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
         f"{TAIL_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
     }
-    if codec == "cbrt-u8":
-        dictionary.append(f"{TOPK_LOGPROBS}.list.element.list.element")
-    elif codec == "float16":
+    if codec == "float16":
         encodings[f"{TOPK_LOGPROBS}.list.element.list.element"] = "PLAIN"
     else:
         encodings[f"{TOPK_LOGPROBS}.list.element.list.element"] = "BYTE_STREAM_SPLIT"
