@@ -430,3 +430,27 @@ def test_shard_files_carry_the_dataset_info_in_parquet_metadata(tmp_path):
     info = DatasetInfo.model_validate_json(meta)
     assert info == make_info()
     assert os.path.getsize(shard) == read_manifest(tmp_path).shards[0].bytes
+
+
+def test_the_trainer_sees_the_same_example_whatever_the_codec(tmp_path):
+    """Same keys, ids, tails and shapes; log-probs differ only by each codec's rounding."""
+    from distillcache.trainer.stream import ShardSource
+
+    examples = {}
+    for codec in CODECS:
+        write_dataset(tmp_path / codec, 6, k=5, codec=codec, seed=3, max_shard_rows=4)
+        source = ShardSource(tmp_path / codec)
+        examples[codec] = [e for unit in source.units() for e in source.load(unit)]
+    records = {r.key: r for r in write_dataset(tmp_path / "again", 6, k=5, seed=3)}
+    for codec, got in examples.items():
+        assert [e.key for e in got] == [e.key for e in examples["float32"]]
+        for example in got:
+            record = records[example.key]
+            ids, exact = canonical_topk(record.topk_ids, record.topk_logprobs)
+            np.testing.assert_array_equal(example.completion_ids, record.completion_ids)
+            np.testing.assert_array_equal(example.topk_ids, ids)
+            assert example.topk_logprobs.dtype == np.float32
+            np.testing.assert_array_equal(
+                example.topk_logprobs, decode_logprobs(encode_logprobs(exact, codec), codec)
+            )
+            np.testing.assert_array_equal(example.tail_logprob, tail_logprob(record.topk_logprobs))
