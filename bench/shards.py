@@ -9,12 +9,24 @@ cached under --cache-dir. Every format is measured in the same run, on one core:
 
 - distillcache (this project's shards) with each log-prob codec;
 - parquet-f16: plain Parquet + zstd of int32 ids and float16 log-probs in probability order;
+- distillkit: DistillKit's published scheme, re-implemented here from its description
+  (top-k sorted by probability, an exact head, a polynomial over rank for the rest, ids
+  bit-packed at ceil(log2 vocab) bits), one binary value per position, Parquet + zstd.
+  Parameters: a head of 1 float32, a cubic with float16 coefficients; at k=50 with a
+  128k vocabulary (17-bit ids) that is 118 B/token before zstd, its published ~114;
 - raw-f32: uncompressed int32 ids + float32 log-probs (numpy files);
 - jsonl: the JSON lines a naive user writes, one object per token with its top-k.
 
 Reported per format: bytes per token and per (id, log-prob) entry, write and read tokens/s
-(read = into torch tensors), and the KL (nats per token) of the stored top-k distribution
-from the exact one, which measures what a lossy codec costs.
+(read = into torch tensors), and two KLs (nats per position) from the exact values: of
+the top-k renormalized, and of the top-k plus the tail bucket (the mass outside the
+top-k as one more outcome; a format without a stored tail gets 1 - its kept mass).
+
+A second table is the adaptive-k trade-off: distillcache cbrt-u8 shards of the top-64
+capture with a per-position k (shared.schema.AdaptiveK), bytes per token against the mean
+entries kept and the mean tail mass, beside fixed k. And a bound: the order-0 entropy of
+the ids (their frequencies in this very data, minus the log2(k!) bits of order a sorted
+set does not store), which no coder of ids that ignores the context can beat.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import pkgutil
 import shutil
@@ -37,7 +50,7 @@ import torch
 
 from distillcache.shared.reader import ShardDataset
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import DatasetInfo
+from distillcache.shared.schema import AdaptiveK, DatasetInfo
 from distillcache.shared.writer import ShardWriter
 
 ROW_TOKENS = 256
@@ -86,6 +99,29 @@ def teacher_topk(cache_dir: Path, tokens: int, k: int) -> tuple[np.ndarray, np.n
     out_ids, out_lps = np.concatenate(top_ids), np.concatenate(top_lps)
     np.savez(path, ids=out_ids, logprobs=out_lps, vocab=len(tok))
     return out_ids, out_lps, len(tok)
+
+
+def tail_kl(exact: np.ndarray, stored: np.ndarray, stored_tail: np.ndarray | None) -> float:
+    """Mean KL(exact top-k + tail || stored top-k + stored tail), nats per position.
+
+    The exact tail is 1 - the exact kept mass; ``stored_tail`` (log) None means the format
+    keeps no tail, so its tail is 1 - its own kept mass. q is renormalized (a quantized
+    top-k plus an exact tail need not sum to one; the trainer renormalizes the same way).
+    """
+    e = np.exp(exact.astype(np.float64))
+    s = np.exp(stored.astype(np.float64))
+    tiny = 1e-30
+    p_tail = np.clip(1.0 - e.sum(axis=1, keepdims=True), tiny, None)
+    if stored_tail is None:
+        q_tail = np.clip(1.0 - s.sum(axis=1, keepdims=True), tiny, None)
+    else:
+        q_tail = np.clip(np.exp(stored_tail.astype(np.float64))[:, None], tiny, None)
+    p = np.concatenate([e, p_tail], axis=1)
+    q = np.concatenate([s, q_tail], axis=1)
+    q /= q.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return float(np.mean(terms.sum(axis=1)))
 
 
 def topk_kl(exact: np.ndarray, stored: np.ndarray) -> float:
@@ -145,11 +181,12 @@ def bench_distillcache(ids, lps, vocab, codec, workdir):
     read_s = time.perf_counter() - t0
     stored_ids = torch.cat(got_ids).numpy()
     stored_lps = torch.cat(got_lps).numpy()
+    tails = np.concatenate([b.tail_logprob for b in ShardDataset(root).iter_decoded()])
     # Stored order is by id; compare each position's distributions as id -> log-prob maps.
     order = np.argsort(ids, axis=1)
     assert np.array_equal(np.take_along_axis(ids, order, 1), stored_ids), "ids must be lossless"
-    kl = topk_kl(np.take_along_axis(lps, order, 1), stored_lps)
-    return size, write_s, read_s, kl
+    exact = np.take_along_axis(lps, order, 1)
+    return size, write_s, read_s, topk_kl(exact, stored_lps), tail_kl(exact, stored_lps, tails)
 
 
 def bench_parquet_f16(ids, lps, workdir):
@@ -188,7 +225,8 @@ def bench_parquet_f16(ids, lps, workdir):
     )
     read_s = time.perf_counter() - t0
     assert got_ids.shape[0] == len(ids)
-    return path.stat().st_size, write_s, read_s, topk_kl(lps, got_lps.numpy())
+    got = got_lps.numpy()
+    return path.stat().st_size, write_s, read_s, topk_kl(lps, got), tail_kl(lps, got, None)
 
 
 def bench_raw(ids, lps, workdir):
@@ -205,7 +243,8 @@ def bench_raw(ids, lps, workdir):
     read_s = time.perf_counter() - t0
     assert got.shape[0] == len(ids)
     size = (workdir / f"raw-{k}.ids").stat().st_size + (workdir / f"raw-{k}.lps").stat().st_size
-    return size, write_s, read_s, topk_kl(lps, got_lps.numpy())
+    got = got_lps.numpy()
+    return size, write_s, read_s, topk_kl(lps, got), tail_kl(lps, got, None)
 
 
 def bench_jsonl(ids, lps, workdir):
@@ -234,7 +273,103 @@ def bench_jsonl(ids, lps, workdir):
     got_lps = torch.tensor(got_lps, dtype=torch.float32)
     read_s = time.perf_counter() - t0
     assert got.shape[0] == len(ids)
-    return path.stat().st_size, write_s, read_s, topk_kl(lps, got_lps.numpy())
+    got = got_lps.numpy()
+    return path.stat().st_size, write_s, read_s, topk_kl(lps, got), tail_kl(lps, got, None)
+
+
+DK_HEAD, DK_DEGREE = 1, 3
+
+
+def bench_distillkit(ids, lps, vocab, workdir):
+    """DistillKit's scheme from its description; see the module docstring."""
+    n, k = ids.shape
+    bits = int(np.ceil(np.log2(vocab)))
+    ranks = np.arange(DK_HEAD, k, dtype=np.float64) / k
+    vander = np.vander(ranks, DK_DEGREE + 1)
+    fit = np.linalg.pinv(vander)  # least squares: coefficients = fit @ values
+    path = workdir / f"distillkit-{k}.parquet"
+
+    t0 = time.perf_counter()
+    order = np.argsort(-lps, axis=1, kind="stable")
+    s_ids = np.take_along_axis(ids, order, 1)
+    s_lps = np.take_along_axis(lps, order, 1).astype(np.float64)
+    id_bits = (s_ids[:, :, None].astype(np.int64) >> np.arange(bits - 1, -1, -1)) & 1
+    packed = np.packbits(id_bits.astype(np.uint8).reshape(n, k * bits), axis=1)
+    head = s_lps[:, :DK_HEAD].astype(np.float32)
+    coefs = (s_lps[:, DK_HEAD:] @ fit.T).astype(np.float16)
+    blob = np.concatenate([packed, head.view(np.uint8), coefs.view(np.uint8)], axis=1)
+    width = blob.shape[1]
+    column = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(blob).tobytes())]
+    )
+    pq.write_table(pa.table({"packed": column}), path, compression="zstd")
+    write_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    col = pq.read_table(path).column("packed").combine_chunks()
+    raw = np.frombuffer(col.buffers()[1], dtype=np.uint8).reshape(n, width)
+    nb = (k * bits + 7) // 8
+    unpacked = np.unpackbits(raw[:, :nb], axis=1)[:, : k * bits].reshape(n, k, bits)
+    got_ids = torch.from_numpy((unpacked.astype(np.int32) << np.arange(bits - 1, -1, -1)).sum(-1))
+    got_head = raw[:, nb : nb + 4 * DK_HEAD].copy().view(np.float32)
+    got_coefs = raw[:, nb + 4 * DK_HEAD :].copy().view(np.float16).astype(np.float64)
+    got_lps = torch.from_numpy(
+        np.concatenate([got_head, (got_coefs @ vander.T).astype(np.float32)], axis=1)
+    )
+    read_s = time.perf_counter() - t0
+    assert np.array_equal(got_ids.numpy(), s_ids), "bit-packed ids must be lossless"
+    exact = s_lps.astype(np.float32)
+    stored = np.minimum(got_lps.numpy(), 0.0)
+    return (
+        path.stat().st_size,
+        write_s,
+        read_s,
+        topk_kl(exact, stored),
+        tail_kl(exact, stored, None),
+    )
+
+
+def id_entropy_bound(ids: np.ndarray, vocab: int) -> float:
+    """Bytes per position an order-0 coder of the id *set* needs: H(id) * k - log2(k!)."""
+    n, k = ids.shape
+    counts = np.bincount(ids.ravel(), minlength=vocab).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    bits = -(p * np.log2(p)).sum() * k - math.lgamma(k + 1) / math.log(2)
+    return bits / 8
+
+
+def bench_adaptive(ids, lps, vocab, rule, workdir):
+    """cbrt-u8 shards of a top-k capture with adaptive k: size, speed, kept, tail mass."""
+    k = ids.shape[1]
+    info = DatasetInfo(
+        teacher_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct",
+        tokenizer_hash="bench",
+        vocab_size=vocab,
+        logit_width=vocab,
+        k=k,
+        adaptive=rule,
+        backend="bench",
+        backend_version="0",
+    )
+    records = rows_of(ids, lps)
+    root = workdir / "adaptive"
+    t0 = time.perf_counter()
+    with ShardWriter(root, info, writer_id="bench") as w:
+        w.write_many(records)
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept, tails = [], []
+    for batch in ShardDataset(root).iter_decoded():
+        torch.from_numpy(batch.topk_ids)
+        torch.from_numpy(batch.topk_logprobs)
+        kept.append(batch.topk_counts)
+        tails.append(batch.tail_logprob)
+    read_s = time.perf_counter() - t0
+    size = ShardDataset(root).manifest.bytes
+    mean_kept = float(np.concatenate(kept).mean())
+    mean_tail = float(np.exp(np.concatenate(tails).astype(np.float64)).mean())
+    return size, write_s, read_s, mean_kept, mean_tail
 
 
 def main() -> None:
@@ -250,9 +385,11 @@ def main() -> None:
     parser.add_argument(
         "--copies",
         type=int,
-        default=16,
+        default=1,
         help="write this many copies of the scored tokens, each in a fresh random order of"
-        " positions: shard-sized writes, without repeats that zstd could exploit",
+        " positions, for longer timings. Sizes are only honest at 1: where a format's data"
+        " fits zstd's window, repeated positions compress (DistillKit's fixed-width records"
+        " at k=20: 7.6 B/token with 8 copies, 48.8 with 1)",
     )
     args = parser.parse_args()
 
@@ -271,42 +408,79 @@ def main() -> None:
         f"SmolLM2-135M-Instruct over {len(real_ids):,} tokens of real text x {args.copies}"
         f" shuffled copies = {len(all_ids):,} positions, vocab {vocab:,}, one core"
     )
-    header = f"{'k':>3} {'format':<24} {'B/token':>9} {'B/entry':>8} {'vs raw':>7} {'write tok/s':>12} {'read tok/s':>11} {'KL nats/tok':>12}"
+    header = (
+        f"{'k':>3} {'format':<24} {'B/token':>9} {'B/entry':>8} {'vs raw':>7}"
+        f" {'write tok/s':>12} {'read tok/s':>11} {'w/raw':>6} {'r/raw':>6}"
+        f" {'KL top-k':>9} {'KL +tail':>9}"
+    )
     print(header)
     print("-" * len(header))
+    exact_tail = {}
     for k in ks:
         ids, lps = all_ids[:, :k].copy(), all_lps[:, :k].copy()
         n = len(ids)
+        exact_tail[k] = float((1.0 - np.exp(lps.astype(np.float64)).sum(axis=1)).mean())
         variants = {
             "distillcache cbrt-u8": partial(bench_distillcache, ids, lps, vocab, "cbrt-u8"),
             "distillcache float16": partial(bench_distillcache, ids, lps, vocab, "float16"),
             "distillcache float32": partial(bench_distillcache, ids, lps, vocab, "float32"),
             "parquet-f16 (plain)": partial(bench_parquet_f16, ids, lps),
+            "distillkit (re-impl.)": partial(bench_distillkit, ids, lps, vocab),
             "raw-f32 (baseline)": partial(bench_raw, ids, lps),
             "jsonl (baseline)": partial(bench_jsonl, ids, lps),
         }
-        results = {}
-        for name, run in variants.items():
-            best = None
-            for _ in range(args.repeat):
-                workdir = Path(tempfile.mkdtemp(prefix="bench-shards-"))
-                try:
-                    size, w, r, kl = run(workdir)
-                finally:
-                    shutil.rmtree(workdir)
-                best = (
-                    (size, w, r, kl)
-                    if best is None
-                    else (size, min(best[1], w), min(best[2], r), kl)
-                )
-            results[name] = best
-        raw_size = results["raw-f32 (baseline)"][0]
-        for name, (size, w, r, kl) in results.items():
+        results = {name: best_of(run, args.repeat) for name, run in variants.items()}
+        raw_size, raw_w, raw_r = results["raw-f32 (baseline)"][:3]
+        for name, (size, w, r, kl, kl_tail) in results.items():
             print(
                 f"{k:>3} {name:<24} {size / n:>9.1f} {size / (n * k):>8.2f} {raw_size / size:>6.1f}x"
-                f" {n / w:>12,.0f} {n / r:>11,.0f} {kl:>12.1e}"
+                f" {n / w:>12,.0f} {n / r:>11,.0f} {raw_w / w:>6.3f} {raw_r / r:>6.3f}"
+                f" {kl:>9.1e} {kl_tail:>9.1e}"
             )
+        print(
+            f"{k:>3} {'ids: order-0 entropy bound':<24} {id_entropy_bound(ids, vocab):>9.1f}"
+            f" {id_entropy_bound(ids, vocab) / k:>8.2f}  (the ids alone, at best, without context)"
+        )
+        print(f"{k:>3} mean tail mass (exact): {exact_tail[k]:.4f}")
         print()
+
+    k = max(ks)
+    ids, lps = all_ids[:, :k].copy(), all_lps[:, :k].copy()
+    n = len(ids)
+    print(f"Adaptive k on the top-{k} capture (distillcache cbrt-u8), beside fixed k:")
+    header = (
+        f"{'rule':<28} {'mean k':>7} {'mean tail':>10} {'B/token':>9} {'write tok/s':>12}"
+        f" {'read tok/s':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for fixed in ks:
+        print(f"{'fixed k=' + str(fixed):<28} {fixed:>7.2f} {exact_tail[fixed]:>10.4f}")
+    rules = [AdaptiveK(min_prob=t) for t in (0.02, 0.01, 0.005, 0.003)] + [
+        AdaptiveK(mass=m) for m in (0.8, 0.9)
+    ]
+    for rule in rules:
+        size, w, r, kept, tail = best_of(partial(bench_adaptive, ids, lps, vocab, rule), 1)
+        label = f"min_prob={rule.min_prob}" if rule.min_prob else f"mass={rule.mass}"
+        print(
+            f"{label:<28} {kept:>7.2f} {tail:>10.4f} {size / n:>9.1f} {n / w:>12,.0f}"
+            f" {n / r:>11,.0f}"
+        )
+
+
+def best_of(run, repeat: int) -> tuple:
+    """Run ``run(workdir)`` ``repeat`` times; keep the size, the best times, the rest."""
+    best = None
+    for _ in range(repeat):
+        workdir = Path(tempfile.mkdtemp(prefix="bench-shards-"))
+        try:
+            size, w, r, *rest = run(workdir)
+        finally:
+            shutil.rmtree(workdir)
+        best = (
+            (size, w, r, *rest) if best is None else (size, min(best[1], w), min(best[2], r), *rest)
+        )
+    return best
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import typer
 
 from distillcache import __version__
 from distillcache.services.teacher.cli import cache, serve
-from distillcache.shared.cli import inspect, verify
+from distillcache.shared.cli import export, inspect, verify
 from distillcache.shared.manifest import DatasetError
 from distillcache.trainer.cli import train
 
@@ -61,6 +61,7 @@ def _root(
 
 app.command(rich_help_panel="Datasets")(inspect)
 app.command(rich_help_panel="Datasets")(verify)
+app.command(rich_help_panel="Datasets")(export)
 app.command(rich_help_panel="Training")(train)
 app.command(rich_help_panel="Teacher")(serve)
 app.command(rich_help_panel="Teacher")(cache)

@@ -1,4 +1,4 @@
-"""`distill inspect` and `distill verify`: look at a dataset without training on it."""
+"""`distill inspect`, `verify` and `export`: look at a dataset, check it, copy it."""
 
 from __future__ import annotations
 
@@ -11,28 +11,37 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .codec import decode_logprobs
+from .codec import codec_kl_estimate
+from .export import export_dataset
 from .manifest import DatasetError
 from .reader import ShardDataset, verify_dataset
+from .schema import LogprobCodec
 
 _BINS = np.linspace(0.0, 1.0, 11)
 
 
-def dataset_histograms(ds: ShardDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of the teacher's top-1 probability and of the tail mass, in ten bins of [0, 1].
+def dataset_histograms(ds: ShardDataset) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Counts of the teacher's top-1 probability and of the tail mass, in ten bins of
+    [0, 1]; the mean entries kept per position; the codec's estimated KL per position.
 
-    Streams two columns one row group at a time, so it runs on datasets larger than memory.
+    Streams the decoded row groups one at a time, so it runs on datasets larger than
+    memory. The KL is ``codec_kl_estimate`` for the codec that bounds the values'
+    exactness (``DatasetInfo.exact_as``): a shard keeps no exact values to measure against.
     """
     top1 = np.zeros(len(_BINS) - 1, dtype=np.int64)
     tail = np.zeros(len(_BINS) - 1, dtype=np.int64)
-    for table in ds.iter_tables(columns=["topk_logprobs", "tail_logprob"]):
-        stored = table.column("topk_logprobs").combine_chunks().flatten().flatten()
-        lp = decode_logprobs(stored.to_numpy(zero_copy_only=False), ds.info.logprob_codec)
-        p1 = np.exp(lp.reshape(-1, ds.info.k).max(axis=1))
-        pt = np.exp(table.column("tail_logprob").combine_chunks().flatten().to_numpy())
+    kept, kl, positions = 0.0, 0.0, 0
+    for batch in ds.iter_decoded():
+        lp = batch.topk_logprobs
+        p1 = np.exp(lp.max(axis=1))
+        pt = np.exp(batch.tail_logprob.astype(np.float64))
         top1 += np.histogram(np.clip(p1, 0, 1), _BINS)[0]
         tail += np.histogram(np.clip(pt, 0, 1), _BINS)[0]
-    return top1, tail
+        kept += float(np.isfinite(lp).sum())
+        kl += float(codec_kl_estimate(lp, ds.info.exact_as).sum())
+        positions += len(lp)
+    n = max(positions, 1)
+    return top1, tail, kept / n, kl / n
 
 
 def _bars(counts: np.ndarray, title: str) -> Table:
@@ -47,7 +56,9 @@ def _bars(counts: np.ndarray, title: str) -> Table:
 
 
 def inspect(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory (holds manifest.json).")],
+    dataset: Annotated[
+        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+    ],
 ) -> None:
     """Summarize a dataset: size, bytes per token, k, teacher, tokenizer, histograms.
 
@@ -57,7 +68,7 @@ def inspect(
     console = Console(soft_wrap=True)
     try:
         ds = ShardDataset(dataset)
-        top1, tail = dataset_histograms(ds)
+        top1, tail, mean_kept, codec_kl = dataset_histograms(ds)
     except DatasetError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -71,9 +82,15 @@ def inspect(
         ("scored tokens", f"{m.tokens:,}"),
         ("bytes", f"{m.bytes:,}"),
         ("bytes / token", f"{m.bytes / max(m.tokens, 1):.1f}"),
-        ("bytes / top-k entry", f"{m.bytes / max(m.tokens * info.k, 1):.2f}"),
-        ("k", str(info.k)),
-        ("log-prob codec", info.logprob_codec),
+        ("bytes / top-k entry", f"{m.bytes / max(m.tokens * mean_kept, 1):.2f}"),
+        ("k", str(info.k) if info.adaptive is None else f"at most {info.k}, {info.adaptive}"),
+        ("entries / position", f"{mean_kept:.2f}"),
+        (
+            "log-prob codec",
+            info.logprob_codec
+            + (f" (values as exact as {info.precision})" if info.precision else ""),
+        ),
+        ("codec KL to exact (est.)", f"{codec_kl:.1e} nats / position"),
         ("teacher", f"{info.teacher_model} @ {info.teacher_revision}"),
         ("tokenizer", f"{info.tokenizer} (sha256 {info.tokenizer_hash[:12]})"),
         ("vocab / logit width", f"{info.vocab_size:,} / {info.logit_width:,}"),
@@ -97,7 +114,9 @@ def inspect(
 
 
 def verify(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory (holds manifest.json).")],
+    dataset: Annotated[
+        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+    ],
 ) -> None:
     """Check every shard's sha256, size, schema and row count against the manifest.
 
@@ -116,4 +135,32 @@ def verify(
     ds = ShardDataset(dataset)
     console.print(
         f"[green]ok:[/green] {len(ds.manifest.shards)} shards, {ds.manifest.rows:,} rows verified"
+    )
+
+
+def export(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory to copy.")],
+    out: Annotated[Path, typer.Argument(help="New dataset directory to create.")],
+    codec: Annotated[
+        LogprobCodec, typer.Option(help="Log-prob codec of the copy; float32 gives plain floats.")
+    ] = "float32",
+) -> None:
+    """Copy a dataset with another log-prob codec, in the current shard layout.
+
+    `--codec float32` (the default) gives plain float log-probs in every Parquet reader.
+    Going to a more exact codec cannot restore what the source codec rounded away: the
+    copy's metadata says so (`precision`). Also brings older datasets to the current
+    schema version.
+    """
+    console = Console(soft_wrap=True)
+    try:
+        manifest = export_dataset(dataset, out, codec)
+    except DatasetError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    info = manifest.info
+    exact = f"; values as exact as {info.precision}" if info.precision else ""
+    console.print(
+        f"[green]ok:[/green] {manifest.rows:,} rows, {manifest.tokens:,} scored tokens,"
+        f" {manifest.bytes:,} bytes in {out} (codec {info.logprob_codec}{exact})"
     )

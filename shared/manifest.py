@@ -1,9 +1,14 @@
-"""``manifest.json``: the list of a dataset's complete shards, replaced atomically.
+"""``.manifest.json``: the list of a dataset's complete shards, replaced atomically.
 
 The manifest is the only source of truth for which shards exist: a shard file that is on
 disk but not in the manifest (a writer died between rename and manifest update) is never
 read. Several writers (teacher replicas) may share one dataset directory; they serialize
-their read-modify-write of the manifest with an advisory lock on ``manifest.lock``.
+their read-modify-write of the manifest with an advisory lock on ``.manifest.lock``.
+
+Both names start with a dot so that a dataset directory opens as it is in every Parquet
+reader: Arrow's discovery (pandas) skips names starting with ``.`` or ``_``, Hugging Face
+``datasets`` only those starting with ``.``. Schema-version-1 datasets named their
+manifest ``manifest.json``; ``find_manifest`` finds either, and they still read.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .schema import SCHEMA_VERSION, DatasetInfo
+from .schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, DatasetInfo
 
-MANIFEST = "manifest.json"
-_LOCK = "manifest.lock"
+MANIFEST = ".manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # schema version 1
+_LOCK = ".manifest.lock"
 
 
 class ShardEntry(BaseModel):
@@ -34,6 +40,8 @@ class ShardEntry(BaseModel):
     sha256: str
     writer_id: str
     created: float
+    # Written with Parquet page checksums (CRC-32 of every page, checked on every read).
+    page_checksums: bool = False
 
 
 class Manifest(BaseModel):
@@ -61,8 +69,24 @@ class DatasetError(Exception):
     """A dataset is missing, malformed, or a shard in it is damaged; the message names it."""
 
 
+def find_manifest(root: str | os.PathLike) -> Path | None:
+    """The manifest file of dataset directory ``root`` (either layout), None if it has none.
+
+    Use this to tell whether a directory is a dataset.
+    """
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        path = Path(root) / name
+        if path.is_file():
+            return path
+    return None
+
+
 def read_manifest(root: str | os.PathLike) -> Manifest:
-    path = Path(root) / MANIFEST
+    path = find_manifest(root)
+    if path is None:
+        raise DatasetError(
+            f"{Path(root) / MANIFEST}: no manifest; is {root} a distillcache dataset?"
+        )
     try:
         raw = path.read_text()
     except FileNotFoundError:
@@ -72,9 +96,10 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise DatasetError(
-            f"{path}: schema version {version!r}; this distillcache reads version {SCHEMA_VERSION}"
+            f"{path}: schema version {version!r}; this distillcache reads versions"
+            f" {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
         )
     try:
         return Manifest.model_validate(data)
@@ -86,12 +111,17 @@ def write_manifest_atomic(root: str | os.PathLike, manifest: Manifest) -> None:
     """Write to a temporary file, fsync it, rename over the manifest, fsync the directory."""
     root = Path(root)
     manifest.updated = time.time()
-    tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(manifest.model_dump_json(indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
+    tmp = root / f"{MANIFEST}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(manifest.model_dump_json(indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MANIFEST)
+    except OSError:
+        # The old manifest stands; a half-written temporary must not take disk or confuse.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(root)
 
 
@@ -115,7 +145,7 @@ def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Mani
     with open(root / _LOCK, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            if (root / MANIFEST).exists():
+            if find_manifest(root) is not None:
                 manifest = read_manifest(root)
                 mine, theirs = info.compatibility(), manifest.info.compatibility()
                 diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
@@ -123,7 +153,12 @@ def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Mani
                     detail = ", ".join(
                         f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items()
                     )
-                    raise DatasetError(f"{root}: dataset was made differently ({detail})")
+                    hint = (
+                        f"; `distill export {root} NEW_DIR` copies it into the current layout"
+                        if "schema_version" in diff
+                        else ""
+                    )
+                    raise DatasetError(f"{root}: dataset was made differently ({detail}){hint}")
             else:
                 manifest = Manifest(info=info)
             yield manifest

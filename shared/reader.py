@@ -2,8 +2,19 @@
 
 Memory stays bounded by one row group (the writer sizes them by scored positions). Every
 fault is raised as ``DatasetError`` naming the shard: a listed shard that is missing, one
-whose size differs from the manifest (truncated), one whose sha256 differs (altered;
-checked when ``verify=True`` or by ``verify_dataset``), or one Parquet cannot decode.
+whose size differs from the manifest (truncated), one Parquet cannot decode, and one
+altered on disk. An altered shard is never read as if it were sound:
+
+- shards written with Parquet page checksums (``ShardEntry.page_checksums``) have every
+  page's CRC-32 checked as it is read, and on open their footer's Arrow schema and
+  ``DatasetInfo`` are compared with the contract and the manifest. Flipping each bit of a
+  test shard in turn (tests/test_shards.py), every flip either raises or leaves the
+  values read unchanged. The cost scales with what is read: a trainer rank or a cache hit
+  that reads one row group pays for that row group only.
+- older shards (no page checksums) have their whole file's sha256 checked against the
+  manifest before their first use by this ``ShardDataset`` (and again if the file changes).
+
+``verify=True`` (and ``distill verify``) checks the sha256 of every shard it opens.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import decode_logprobs
-from .manifest import MANIFEST, DatasetError, Manifest, ShardEntry, read_manifest
+from .manifest import DatasetError, Manifest, ShardEntry, read_manifest
 from .record import SequenceRecord
 from .schema import (
     COMPLETION_IDS,
@@ -35,7 +46,6 @@ from .schema import (
     TOPK_IDS,
     TOPK_LOGPROBS,
     DatasetInfo,
-    shard_schema,
 )
 from .writer import file_sha256
 
@@ -54,7 +64,9 @@ class DecodedBatch:
     """A row group as flat numpy arrays (ids zero-copy from Arrow, log-probs decoded).
 
     Row i's scored positions are ``pos_offsets[i]:pos_offsets[i+1]`` of the [N, k] arrays;
-    its prompt and completion ids are slices of the flat id arrays by their offsets.
+    its prompt and completion ids are slices of the flat id arrays by their offsets. In a
+    dataset with adaptive k, position j holds ``topk_counts[j]`` entries; the rest of its
+    row is padding: id ``PAD_ID`` (-1, which no vocabulary has) and log-prob -inf.
     """
 
     keys: list[str]
@@ -68,6 +80,7 @@ class DecodedBatch:
     topk_logprobs: np.ndarray
     token_logprob: np.ndarray
     tail_logprob: np.ndarray
+    topk_counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -90,6 +103,9 @@ class ShardDataset:
         self.manifest: Manifest = read_manifest(self.root)
         self.info: DatasetInfo = self.manifest.info
         self._entries = {s.file: s for s in self.manifest.shards}
+        self._schema = self.info.schema()
+        # Shards without page checksums whose sha256 matched, by their file's stat.
+        self._hashed: dict[str, tuple[int, int, int]] = {}
 
     @property
     def shards(self) -> list[ShardEntry]:
@@ -98,22 +114,40 @@ class ShardDataset:
     def open_shard(self, name: str, *, verify: bool = False) -> pq.ParquetFile:
         entry = self._entries.get(name)
         if entry is None:
-            raise DatasetError(f"{self.root / name}: not listed in {self.root / MANIFEST}")
+            raise DatasetError(f"{self.root / name}: not listed in the manifest of {self.root}")
         path = self.root / name
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             raise DatasetError(f"{path}: shard listed in the manifest is missing") from None
-        if size != entry.bytes:
+        if st.st_size != entry.bytes:
             raise DatasetError(
-                f"{path}: {size} bytes on disk, manifest says {entry.bytes} (truncated or replaced)"
+                f"{path}: {st.st_size} bytes on disk, manifest says {entry.bytes}"
+                " (truncated or replaced)"
             )
-        if verify and file_sha256(path) != entry.sha256:
-            raise DatasetError(f"{path}: sha256 differs from the manifest (shard was altered)")
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if verify or (not entry.page_checksums and self._hashed.get(name) != stamp):
+            if file_sha256(path) != entry.sha256:
+                raise DatasetError(
+                    f"{path}: sha256 differs from the manifest (shard was altered on disk);"
+                    " run `distill verify` on the dataset and recompute the shard's rows"
+                )
+            self._hashed[name] = stamp
         try:
-            return pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, page_checksum_verification=entry.page_checksums)
+            schema = pf.schema_arrow
         except (pa.ArrowException, OSError) as e:
             raise DatasetError(f"{path}: cannot open as Parquet ({e})") from None
+        stored = (schema.metadata or {}).get(PARQUET_METADATA_KEY)
+        if not schema.remove_metadata().equals(self._schema) or stored is None:
+            raise DatasetError(f"{path}: schema differs from the shard contract (altered?)")
+        try:
+            same_info = DatasetInfo.model_validate_json(stored) == self.info
+        except ValueError:
+            same_info = False
+        if not same_info:
+            raise DatasetError(f"{path}: its DatasetInfo differs from the manifest's (altered?)")
+        return pf
 
     def row_groups(self, shards: Sequence[str] | None = None) -> list[RowGroupRef]:
         """Every row group of the chosen shards (default: all), in manifest order."""
@@ -137,8 +171,10 @@ class ShardDataset:
         try:
             return pf.read_row_group(ref.index, columns=list(columns) if columns else None)
         except (pa.ArrowException, OSError) as e:
+            why = "altered on disk: a page checksum failed" if "CRC" in str(e) else "unreadable"
             raise DatasetError(
-                f"{self.root / ref.shard}: row group {ref.index} unreadable ({e})"
+                f"{self.root / ref.shard}: row group {ref.index} {why} ({e});"
+                " run `distill verify` on the dataset"
             ) from None
 
     def iter_tables(
@@ -168,6 +204,10 @@ class ShardDataset:
             yield from table_records(table, self.info)
 
 
+# Padding of a position that keeps fewer than k entries (adaptive k): no vocabulary has it,
+# so a gather at it fails loudly instead of reading a real token's logit.
+PAD_ID = -1
+
 DECODED_COLUMNS = (
     KEY,
     PROMPT_IDS,
@@ -195,9 +235,21 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
     _, tok = _flat(table.column(TOKEN_LOGPROB))
     _, tail = _flat(table.column(TAIL_LOGPROB))
     base = int(pos_off[0])
-    # flatten() honours slicing, so the values start at this table's first position.
-    id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-    lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    counts = None
+    if info.adaptive is None:
+        # flatten() honours slicing, so the values start at this table's first position.
+        id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        lp_values = decode_logprobs(lp_values, info.logprob_codec)
+    else:
+        positions = ids.flatten()
+        counts = np.diff(positions.offsets.to_numpy()).astype(np.int32)
+        keep = np.arange(k) < counts[:, None]
+        id_values = np.full(keep.shape, PAD_ID, dtype=np.int32)
+        id_values[keep] = positions.flatten().to_numpy(zero_copy_only=False)
+        lp_values = np.full(keep.shape, -np.inf, dtype=np.float32)
+        stored = lps.flatten().flatten().to_numpy(zero_copy_only=False)
+        lp_values[keep] = decode_logprobs(stored, info.logprob_codec)
     return DecodedBatch(
         keys=table.column(KEY).to_pylist(),
         prompt_offsets=p_off - p_off[0],
@@ -207,9 +259,10 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
         logprob_start=table.column(LOGPROB_START).to_numpy(),
         pos_offsets=pos_off - base,
         topk_ids=id_values,
-        topk_logprobs=decode_logprobs(lp_values, info.logprob_codec),
+        topk_logprobs=lp_values,
         token_logprob=tok.flatten().to_numpy(zero_copy_only=False),
         tail_logprob=tail.flatten().to_numpy(zero_copy_only=False),
+        topk_counts=counts,
     )
 
 
@@ -226,17 +279,10 @@ def verify_dataset(root: str | Path) -> tuple[list[str], list[str]]:
     except DatasetError as e:
         return [str(e)], []
     faults: list[str] = []
-    expected = shard_schema(ds.info.k, ds.info.logprob_codec)
     for entry in ds.manifest.shards:
         path = root / entry.file
         try:
             pf = ds.open_shard(entry.file, verify=True)
-            schema = pf.schema_arrow
-            if not schema.remove_metadata().equals(expected):
-                faults.append(f"{path}: schema differs from the shard contract")
-            stored = (schema.metadata or {}).get(PARQUET_METADATA_KEY)
-            if stored is None or DatasetInfo.model_validate_json(stored) != ds.info:
-                faults.append(f"{path}: Parquet metadata differs from the manifest's info")
             if pf.metadata.num_rows != entry.rows:
                 faults.append(f"{path}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
             for i in range(pf.metadata.num_row_groups):

@@ -1,13 +1,22 @@
 """ShardWriter: records in, crash-safe zstd Parquet shards and a manifest out.
 
-A shard is written under a hidden temporary name, fsynced, renamed to its final name,
-and only then listed in the manifest (itself replaced atomically). A reader, which reads
-only what the manifest lists, therefore never sees a half-written shard, whatever moment
-the writer dies at.
+A shard is written under a hidden temporary name, fsynced, renamed to its final name, the
+directory fsynced, and only then listed in the manifest (itself replaced atomically). A
+reader, which reads only what the manifest lists, therefore never sees a half-written
+shard, whatever moment the writer dies at.
+
+A failed write (disk full, an I/O error) at any of those steps loses nothing and never
+lies: the encoded rows of the shard in progress stay in memory until a manifest lists
+them, so the next ``flush()`` rewrites the shard from them; a shard renamed but not yet
+listed is listed by the next successful publish; a final name, once renamed to, is never
+written again; the manifest only ever names complete, fsynced shards with their true row
+counts. The price is memory: the unpublished shard's rows, about 2-3x its compressed size
+(bounded by ``max_shard_bytes``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -23,7 +32,7 @@ import pyarrow.parquet as pq
 from .codec import canonical_topk, encode_logprobs
 from .manifest import ShardEntry, fsync_dir, locked_manifest
 from .record import SequenceRecord
-from .schema import PARQUET_METADATA_KEY, DatasetInfo, parquet_options, shard_schema
+from .schema import AdaptiveK, DatasetInfo, parquet_options, shard_metadata
 
 
 def default_writer_id() -> str:
@@ -46,6 +55,9 @@ class ShardWriter:
     unit the trainer streams, so it bounds reader memory). A shard is closed and published
     once it holds ``max_shard_rows`` rows or ``max_shard_bytes`` bytes, on ``flush()``, and
     on ``close()``.
+
+    ``write`` accepts the record before it does any I/O: when it raises ``OSError`` the
+    record is pending all the same, and a later ``flush()`` publishes it.
     """
 
     def __init__(
@@ -58,6 +70,7 @@ class ShardWriter:
         max_shard_bytes: int = 256 << 20,
         row_group_tokens: int = 65_536,
         compression_level: int = 3,
+        cut: bool = True,
     ) -> None:
         self.root = Path(root)
         self.info = info
@@ -66,18 +79,26 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.row_group_tokens = row_group_tokens
         self.compression_level = compression_level
-        self.schema = shard_schema(info.k, info.logprob_codec).with_metadata(
-            {PARQUET_METADATA_KEY: info.to_json().encode()}
-        )
+        # False: records were cut by this dataset's adaptive rule already (an export); keep
+        # each position's finite entries as they are instead of cutting again.
+        self.cut = cut
+        self.schema = info.schema().with_metadata(shard_metadata(info))
         # Checks compatibility with an existing dataset before any work is done.
         with locked_manifest(self.root, info) as manifest:
-            self._seq = sum(1 for s in manifest.shards if s.writer_id == self.writer_id)
+            self._taken = {s.file for s in manifest.shards}
+        self._seq = 0
         self._buffer: list[SequenceRecord] = []
         self._buffer_tokens = 0
+        # The shard in progress: its encoded row groups (kept until a manifest lists them,
+        # so a failed write can be redone) and how many of them the open file holds.
+        self._tables: list[pa.Table] = []
+        self._in_file = 0
         self._pq: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
         self._shard_rows = 0
         self._shard_tokens = 0
+        # Shards renamed to their final name whose manifest update has not succeeded yet.
+        self._unlisted: list[ShardEntry] = []
         self.published: list[ShardEntry] = []
 
     def write(self, record: SequenceRecord) -> None:
@@ -96,9 +117,18 @@ class ShardWriter:
         for record in records:
             self.write(record)
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows accepted but not yet listed in the manifest."""
+        return len(self._buffer) + self._shard_rows + sum(e.rows for e in self._unlisted)
+
     def flush(self) -> ShardEntry | None:
-        """Publish everything written so far as a shard (None when nothing is pending)."""
-        self._write_row_group()
+        """Publish everything written so far; returns the last shard listed (None if none).
+
+        After an ``OSError`` every row is still pending; calling ``flush()`` again (once
+        the disk has room) publishes them.
+        """
+        self._write_row_group(rotate=False)
         return self._publish()
 
     def close(self) -> None:
@@ -114,99 +144,194 @@ class ShardWriter:
             self.abort()
 
     def abort(self) -> None:
-        """Drop the shard in progress; what was published stays."""
-        if self._pq is not None:
-            self._pq.close()
-            self._pq = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+        """Drop the rows not yet in a published file; what was published stays."""
+        self._discard_file()
+        self._tables.clear()
+        self._shard_rows = 0
+        self._shard_tokens = 0
         self._buffer.clear()
         self._buffer_tokens = 0
 
-    def _write_row_group(self) -> None:
-        if not self._buffer:
-            return
-        table = records_to_table(self._buffer, self.schema, self.info)
-        if self._pq is None:
-            self._tmp = self.root / f".{self._name()}.tmp"
-            self._pq = pq.ParquetWriter(
-                self._tmp,
-                self.schema,
-                compression="zstd",
-                compression_level=self.compression_level,
-                **parquet_options(self.info.logprob_codec),
-                write_statistics=["key", "logprob_start"],
+    def _write_row_group(self, *, rotate: bool = True) -> None:
+        if self._buffer:
+            self._tables.append(
+                records_to_table(self._buffer, self.schema, self.info, cut=self.cut)
             )
-        self._pq.write_table(table, row_group_size=len(self._buffer))
-        self._shard_rows += len(self._buffer)
-        self._shard_tokens += self._buffer_tokens
-        self._buffer.clear()
-        self._buffer_tokens = 0
+            self._shard_rows += len(self._buffer)
+            self._shard_tokens += self._buffer_tokens
+            self._buffer.clear()
+            self._buffer_tokens = 0
+        self._write_tables()
         if (
-            self._shard_rows >= self.max_shard_rows
-            or self._tmp.stat().st_size >= self.max_shard_bytes
+            rotate
+            and self._tables
+            and (
+                self._shard_rows >= self.max_shard_rows
+                or self._tmp.stat().st_size >= self.max_shard_bytes
+            )
         ):
             self._publish()
 
+    def _write_tables(self) -> None:
+        """Bring the temporary file up to date with ``_tables``; on failure drop the file."""
+        try:
+            if self._pq is None and self._tables:
+                self._tmp = self.root / f".{self._name()}.tmp"
+                self._pq = pq.ParquetWriter(
+                    self._tmp,
+                    self.schema,
+                    compression="zstd",
+                    compression_level=self.compression_level,
+                    **parquet_options(self.info.logprob_codec),
+                    write_statistics=["key", "logprob_start"],
+                    write_page_checksum=True,
+                )
+            for table in self._tables[self._in_file :]:
+                self._pq.write_table(table, row_group_size=table.num_rows)
+                self._in_file += 1
+        except OSError:
+            self._discard_file()
+            raise
+
     def _publish(self) -> ShardEntry | None:
-        if self._pq is None:
+        if self._tables:
+            self._finish_shard()
+        if not self._unlisted:
             return None
-        self._pq.close()
-        self._pq = None
-        tmp, self._tmp = self._tmp, None
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        final = self.root / self._name()
-        entry = ShardEntry(
-            file=final.name,
-            rows=self._shard_rows,
-            tokens=self._shard_tokens,
-            bytes=tmp.stat().st_size,
-            sha256=file_sha256(tmp),
-            writer_id=self.writer_id,
-            created=time.time(),
-        )
-        os.replace(tmp, final)
         fsync_dir(self.root)
         with locked_manifest(self.root, self.info) as manifest:
-            manifest.shards.append(entry)
-        self._seq += 1
+            listed = {s.file for s in manifest.shards}
+            # A manifest update that failed after its rename may already list some.
+            manifest.shards.extend(e for e in self._unlisted if e.file not in listed)
+        self.published += self._unlisted
+        self._unlisted = []
+        return self.published[-1]
+
+    def _finish_shard(self) -> None:
+        """Close, fsync and rename the shard in progress; it becomes unlisted, not pending."""
+        self._write_tables()
+        try:
+            self._pq.close()
+            with open(self._tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            final = self.root / self._name()
+            entry = ShardEntry(
+                file=final.name,
+                rows=self._shard_rows,
+                tokens=self._shard_tokens,
+                bytes=self._tmp.stat().st_size,
+                sha256=file_sha256(self._tmp),
+                writer_id=self.writer_id,
+                created=time.time(),
+                page_checksums=True,
+            )
+            os.replace(self._tmp, final)
+        except OSError:
+            self._discard_file()
+            raise
+        self._taken.add(final.name)
+        self._pq, self._tmp, self._in_file = None, None, 0
+        self._tables.clear()
         self._shard_rows = 0
         self._shard_tokens = 0
-        self.published.append(entry)
-        return entry
+        self._unlisted.append(entry)
+
+    def _discard_file(self) -> None:
+        """Forget the temporary file (its rows stay in ``_tables``); never raises."""
+        if self._pq is not None:
+            with contextlib.suppress(Exception):
+                self._pq.close()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
+        self._pq, self._tmp, self._in_file = None, None, 0
 
     def _name(self) -> str:
-        return f"part-{self.writer_id}-{self._seq:05d}.parquet"
+        """The next final name no shard has had: not listed, not on disk, not used here."""
+        while True:
+            name = f"part-{self.writer_id}-{self._seq:05d}.parquet"
+            if name not in self._taken and not (self.root / name).exists():
+                return name
+            self._seq += 1
+
+
+def adaptive_counts(raw: np.ndarray, rule: AdaptiveK) -> tuple[np.ndarray, np.ndarray]:
+    """Entries each position keeps under ``rule``, and the log of the mass it drops.
+
+    ``raw`` [N, k] exact log-probs in any order. Returns (counts [N] int, dropped [N]
+    float32, -inf where nothing is dropped). The kept entries are each position's most
+    likely (of equal ones, the first in ``raw``).
+    """
+    k = raw.shape[1]
+    p = np.exp(-np.sort(-raw.astype(np.float64), axis=1))
+    wanted = np.zeros(len(raw), dtype=np.int64)
+    if rule.mass is not None:
+        # Entries before the one that brings the kept mass to ``mass``, plus that one.
+        wanted = np.maximum(wanted, (np.cumsum(p, axis=1) < rule.mass).sum(axis=1) + 1)
+    if rule.min_prob is not None:
+        wanted = np.maximum(wanted, (p >= rule.min_prob).sum(axis=1))
+    counts = np.clip(wanted, rule.min_k, k)
+    with np.errstate(divide="ignore"):
+        dropped = np.log(np.where(np.arange(k) >= counts[:, None], p, 0.0).sum(axis=1))
+    return counts, dropped.astype(np.float32)
 
 
 def records_to_table(
-    records: list[SequenceRecord], schema: pa.Schema, info: DatasetInfo
+    records: list[SequenceRecord], schema: pa.Schema, info: DatasetInfo, *, cut: bool = True
 ) -> pa.Table:
-    """Canonicalize and encode a batch of records as one Arrow table (no per-token Python)."""
+    """Canonicalize and encode a batch of records as one Arrow table (no per-token Python).
+
+    With adaptive k, ``cut`` applies the dataset's rule; ``cut=False`` keeps each
+    position's finite entries (records read from a dataset with this rule, padded -inf).
+    """
     k = info.k
     n_scored = np.fromiter((r.n_scored for r in records), dtype=np.int64, count=len(records))
     pos_offsets = np.zeros(len(records) + 1, dtype=np.int32)
     np.cumsum(n_scored, out=pos_offsets[1:])
     raw = np.concatenate([r.topk_logprobs for r in records])
+    raw_ids = np.concatenate([r.topk_ids for r in records])
+    # Every record carries its tail (SequenceRecord computes it, or a backend gave a more
+    # exact one).
     tails = np.concatenate([r.tail_logprob for r in records])
+    counts = None
+    if info.adaptive is not None:
+        if cut:
+            counts, dropped = adaptive_counts(raw, info.adaptive)
+        else:
+            counts = np.isfinite(raw).sum(axis=1)
+            dropped = np.full(len(raw), -np.inf, dtype=np.float32)
+        # The dropped entries join the tail; they sort last (id past any vocabulary).
+        with np.errstate(divide="ignore"):
+            tails = np.logaddexp(tails, dropped).astype(np.float32)
+        rank = np.empty(raw.shape, dtype=np.int64)
+        np.put_along_axis(
+            rank, np.argsort(-raw, axis=1, kind="stable"), np.arange(k)[None, :], axis=1
+        )
+        keep = rank < counts[:, None]
+        raw_ids = np.where(keep, raw_ids, np.iinfo(np.int32).max)
     # Encoding is per entry, so it commutes with the sort by id; sorting the encoded
     # values moves fewer bytes.
-    ids, stored = canonical_topk(
-        np.concatenate([r.topk_ids for r in records]), encode_logprobs(raw, info.logprob_codec)
-    )
+    ids, stored = canonical_topk(raw_ids, encode_logprobs(raw, info.logprob_codec))
     offsets = pa.array(pos_offsets, type=pa.int32())
 
     def per_position(flat: np.ndarray, field: str) -> pa.Array:
         typ = schema.field(field).type
         return pa.ListArray.from_arrays(offsets, pa.array(flat, type=typ.value_type))
 
+    entry_offsets = None
+    if counts is not None:
+        entry_offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+        np.cumsum(counts, out=entry_offsets[1:])
+        entry_offsets = pa.array(entry_offsets)
+        kept = np.arange(k) < counts[:, None]
+
     def per_entry(flat: np.ndarray, field: str) -> pa.Array:
         typ = schema.field(field).type
-        inner = pa.FixedSizeListArray.from_arrays(
-            pa.array(flat.reshape(-1), type=typ.value_type.value_type), k
-        )
+        value_type = typ.value_type.value_type
+        if entry_offsets is None:
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), value_type), k)
+        else:
+            inner = pa.ListArray.from_arrays(entry_offsets, pa.array(flat[kept], value_type))
         return pa.ListArray.from_arrays(offsets, inner)
 
     def id_lists(arrays: list[np.ndarray]) -> pa.Array:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -255,65 +254,173 @@ def test_inspect_shows_rows_k_and_histograms(tmp_path):
         "tiny-teacher",
         "top-1 probability",
         "outside the top-k",
+        "codec KL to exact (est.)",
     ):
         assert expected in result.output
+    exact = tmp_path / "exact"
+    write_dataset(exact, 3, k=8, codec="float32")
+    result = CliRunner().invoke(app, ["inspect", str(exact)])
+    assert "0.0e+00 nats / position" in result.output
 
 
-def _reference_columns(records: list[SequenceRecord]) -> dict:
-    ids = [canonical_topk(r.topk_ids, r.topk_logprobs)[0].tolist() for r in records]
+CODECS = ["cbrt-u8", "float16", "float32"]
+
+
+def _stored_columns(records: list[SequenceRecord], codec: str) -> dict[str, list]:
+    """Every column as the shard must hold it, computed from the records (sorted by key)."""
+    records = sorted(records, key=lambda r: r.key)
+    topk = [canonical_topk(r.topk_ids, encode_logprobs(r.topk_logprobs, codec)) for r in records]
     return {
         "key": [r.key for r in records],
         "prompt_ids": [r.prompt_ids.tolist() for r in records],
-        "topk_ids": ids,
-        "meta": [json.loads(r.meta_json()) for r in records],
+        "completion_ids": [r.completion_ids.tolist() for r in records],
+        "completion_text": [r.completion_text for r in records],
+        "logprob_start": [r.logprob_start for r in records],
+        "topk_ids": [ids.tolist() for ids, _ in topk],
+        "topk_logprobs": [values.astype(np.float64).tolist() for _, values in topk],
+        "token_logprob": [r.token_logprob.astype(np.float64).tolist() for r in records],
+        "tail_logprob": [
+            tail_logprob(r.topk_logprobs).astype(np.float64).tolist() for r in records
+        ],
+        "finish_reason": [r.finish_reason for r in records],
+        "request": [r.request_json() for r in records],
+        "meta": [r.meta_json() for r in records],
     }
 
 
-def _normalize(keys, prompts, topk, metas) -> dict:
-    def plain(x):
-        return (
-            [plain(v) for v in x] if hasattr(x, "__iter__") and not isinstance(x, str) else int(x)
-        )
-
-    return {
-        "key": list(keys),
-        "prompt_ids": [plain(p) for p in prompts],
-        "topk_ids": [plain(t) for t in topk],
-        "meta": [json.loads(m) for m in metas],
-    }
+def _plain(x):
+    """Nested arrays, lists and numpy scalars -> nested Python lists of int/float/str."""
+    if isinstance(x, str | None):
+        return x
+    if hasattr(x, "tolist"):
+        return _plain(x.tolist())
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
 
 
-def test_shards_open_identically_in_the_ecosystems_readers(tmp_path):
-    records = write_dataset(tmp_path, 12, codec="cbrt-u8", max_shard_rows=5)
-    names = [s.file for s in read_manifest(tmp_path).shards]
-    files = [str(tmp_path / n) for n in names]
-    want = _reference_columns(records)
-    cols = ["key", "prompt_ids", "topk_ids", "meta"]
+def _by_key(columns: dict[str, list]) -> dict[str, list]:
+    order = sorted(range(len(columns["key"])), key=lambda i: columns["key"][i])
+    return {name: [_plain(values[i]) for i in order] for name, values in columns.items()}
 
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_dataset_directory_opens_as_it_is_in_every_ecosystem_reader(tmp_path, codec):
+    """Every column, every codec: pyarrow, pandas, polars, DuckDB and datasets on the dir."""
     import duckdb
     import pandas as pd
     import polars as pl
     from datasets import load_dataset
 
-    t = pq.read_table(files)
-    got = {"pyarrow": _normalize(*(t.column(c).to_pylist() for c in cols))}
-    df = pd.concat([pd.read_parquet(f) for f in files])
-    got["pandas"] = _normalize(*(df[c].tolist() for c in cols))
-    pdf = pl.concat([pl.read_parquet(f) for f in files])
-    got["polars"] = _normalize(*(pdf[c].to_list() for c in cols))
-    rel = duckdb.execute(
-        "select key, prompt_ids, topk_ids, meta, filename, file_row_number "
-        "from read_parquet(?, filename=true, file_row_number=true)",
-        [files],
-    ).fetchall()
-    order = {f: i for i, f in enumerate(files)}
-    rel.sort(key=lambda r: (order[r[4]], r[5]))
-    got["duckdb"] = _normalize(*zip(*[r[:4] for r in rel], strict=True))
-    hf = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
-    got["datasets"] = _normalize(*(hf[c] for c in cols))
+    root = tmp_path / "ds"
+    records = write_dataset(root, 12, k=3, codec=codec, max_shard_rows=5)
+    assert len(read_manifest(root).shards) == 3
+    want = _stored_columns(records, codec)
+    cols = list(want)
+    got = {}
+    t = pq.read_table(root)
+    got["pyarrow"] = {c: t.column(c).to_pylist() for c in cols}
+    df = pd.read_parquet(root)
+    got["pandas"] = {c: df[c].tolist() for c in cols}
+    pdf = pl.read_parquet(f"{root}/*.parquet")
+    got["polars"] = {c: pdf[c].to_list() for c in cols}
+    rel = duckdb.sql(f"SELECT {', '.join(cols)} FROM read_parquet('{root}/*.parquet')")
+    got["duckdb"] = dict(zip(cols, map(list, zip(*rel.fetchall(), strict=True)), strict=True))
+    hf = load_dataset("parquet", data_dir=str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    got["datasets"] = {c: hf[c] for c in cols}
+    for reader, columns in got.items():
+        columns = _by_key(columns)
+        for c in cols:
+            assert columns[c] == want[c], f"{reader}: column {c} differs ({codec})"
 
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_documented_decodings_return_the_readers_log_probs(tmp_path, codec):
+    """The SQL in the column's metadata and the pandas/polars one-liners of the docs."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    write_dataset(tmp_path, 6, k=4, codec=codec, max_shard_rows=4)
+    want = {row.key: row.topk_logprobs for row in ShardDataset(tmp_path).iter_records()}
+    shard = next(tmp_path.glob("*.parquet"))
+    field = pq.read_schema(shard).field("topk_logprobs")
+    assert field.metadata[b"codec"] == codec.encode()
+    file_meta = pq.read_metadata(shard).metadata
+    assert file_meta[b"distillcache.topk_logprobs.codec"] == codec.encode()
+    sql = field.metadata[b"decode_sql"].decode()
+    assert file_meta[b"distillcache.topk_logprobs.decode_sql"].decode() == sql
+
+    rows = duckdb.sql(
+        f"SELECT key, list_transform(topk_logprobs, lambda pos: list_transform(pos, lambda x: {sql}))"
+        f" FROM read_parquet('{tmp_path}/*.parquet')"
+    ).fetchall()
+    got = {"duckdb": dict(rows)}
+    if codec == "cbrt-u8":  # docs/shard-format.md, "Reading shards without distillcache"
+        df = pd.read_parquet(tmp_path)
+        df["logprobs"] = df.topk_logprobs.map(
+            lambda pos: 3 * np.log(np.maximum(np.stack(pos), 0.25) / 255)
+        )
+        lf = pl.read_parquet(f"{tmp_path}/*.parquet").with_columns(
+            logprobs=pl.col("topk_logprobs").list.eval(
+                pl.element().arr.eval(3 * (pl.element().cast(pl.Float64).clip(0.25) / 255).log())
+            )
+        )
+    else:
+        df = pd.read_parquet(tmp_path).assign(logprobs=lambda d: d.topk_logprobs)
+        lf = pl.read_parquet(f"{tmp_path}/*.parquet").with_columns(logprobs=pl.col("topk_logprobs"))
+    got["pandas"] = dict(zip(df.key, df.logprobs.map(np.stack), strict=True))
+    got["polars"] = dict(zip(lf["key"], (np.array(v) for v in lf["logprobs"]), strict=True))
     for reader, values in got.items():
-        assert values == want, reader
+        assert set(values) == set(want)
+        for key, lps in values.items():
+            # The reader's float32 values are the float64 formula rounded once.
+            np.testing.assert_array_equal(
+                np.asarray(lps, dtype=np.float64).astype(np.float32), want[key], err_msg=reader
+            )
+
+
+def test_documented_one_liners_order_a_position_by_probability(tmp_path):
+    import duckdb
+
+    records = write_dataset(tmp_path, 4, k=5, codec="cbrt-u8")
+    top1 = {
+        r.key: np.take_along_axis(r.topk_ids, r.topk_logprobs.argmax(1)[:, None], 1)[:, 0]
+        for r in records
+    }
+    for row in ShardDataset(tmp_path).iter_records():
+        ids, lps = row.topk_ids, row.topk_logprobs
+        by_prob = np.take_along_axis(ids, np.argsort(-lps, axis=-1, kind="stable"), axis=-1)
+        assert by_prob[:, 0].tolist() == top1[row.key].tolist()
+    rows = duckdb.sql(
+        "SELECT key, list_transform(list_zip(topk_ids, topk_logprobs),"
+        " lambda p: list_transform(list_grade_up(p[2], 'DESC'), lambda i: p[1][i]))"
+        f" FROM read_parquet('{tmp_path}/*.parquet')"
+    ).fetchall()
+    for key, positions in rows:
+        assert [pos[0] for pos in positions] == top1[key].tolist()
+
+
+def test_export_to_float32_gives_plain_floats_and_keeps_the_metadata_true(tmp_path):
+    import pandas as pd
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_dataset(src, 7, k=4, codec="cbrt-u8", max_shard_rows=3)
+    result = CliRunner().invoke(app, ["export", str(src), str(out), "--codec", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "7 rows" in result.output
+    info = read_manifest(out).info
+    assert (info.logprob_codec, info.precision, info.exact_as) == ("float32", "cbrt-u8", "cbrt-u8")
+    want = {row.key: row for row in ShardDataset(src).iter_records()}
+    df = pd.read_parquet(out)
+    for key, topk in zip(df.key, df.topk_logprobs, strict=True):
+        assert np.stack(topk).dtype == np.float32
+        np.testing.assert_array_equal(np.stack(topk), want[key].topk_logprobs)
+    for row in ShardDataset(out).iter_records():
+        np.testing.assert_array_equal(row.tail_logprob, want[row.key].tail_logprob)
+        np.testing.assert_array_equal(row.topk_ids, want[row.key].topk_ids)
+    again = CliRunner().invoke(app, ["export", str(src), str(out)])
+    assert again.exit_code == 1 and "already a dataset" in again.output
 
 
 def test_shard_files_carry_the_dataset_info_in_parquet_metadata(tmp_path):
@@ -323,3 +430,27 @@ def test_shard_files_carry_the_dataset_info_in_parquet_metadata(tmp_path):
     info = DatasetInfo.model_validate_json(meta)
     assert info == make_info()
     assert os.path.getsize(shard) == read_manifest(tmp_path).shards[0].bytes
+
+
+def test_the_trainer_sees_the_same_example_whatever_the_codec(tmp_path):
+    """Same keys, ids, tails and shapes; log-probs differ only by each codec's rounding."""
+    from distillcache.trainer.stream import ShardSource
+
+    examples = {}
+    for codec in CODECS:
+        write_dataset(tmp_path / codec, 6, k=5, codec=codec, seed=3, max_shard_rows=4)
+        source = ShardSource(tmp_path / codec)
+        examples[codec] = [e for unit in source.units() for e in source.load(unit)]
+    records = {r.key: r for r in write_dataset(tmp_path / "again", 6, k=5, seed=3)}
+    for codec, got in examples.items():
+        assert [e.key for e in got] == [e.key for e in examples["float32"]]
+        for example in got:
+            record = records[example.key]
+            ids, exact = canonical_topk(record.topk_ids, record.topk_logprobs)
+            np.testing.assert_array_equal(example.completion_ids, record.completion_ids)
+            np.testing.assert_array_equal(example.topk_ids, ids)
+            assert example.topk_logprobs.dtype == np.float32
+            np.testing.assert_array_equal(
+                example.topk_logprobs, decode_logprobs(encode_logprobs(exact, codec), codec)
+            )
+            np.testing.assert_array_equal(example.tail_logprob, tail_logprob(record.topk_logprobs))

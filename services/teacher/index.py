@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from distillcache.shared.manifest import MANIFEST, DatasetError, read_manifest
+from distillcache.shared.manifest import DatasetError, find_manifest, read_manifest
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
 from distillcache.shared.schema import KEY, DatasetInfo
@@ -72,7 +71,7 @@ def dataset_names(data_root: Path) -> list[str]:
     return sorted(
         p.name
         for p in data_root.iterdir()
-        if not p.name.startswith(".") and (p / MANIFEST).is_file()
+        if not p.name.startswith(".") and p.is_dir() and find_manifest(p) is not None
     )
 
 
@@ -175,8 +174,8 @@ class CacheIndex:
             if file in indexed:
                 continue
             try:
-                new_rows += _shard_keys(name, root / file)
-            except (OSError, pa.ArrowException) as e:
+                new_rows += _shard_keys(name, ShardDataset(root), file)
+            except (OSError, DatasetError, pa.ArrowException) as e:
                 log.warning("not indexing shard %s: %s", root / file, e)
                 continue
             new_shards.append((name, file, sha))
@@ -187,7 +186,7 @@ class CacheIndex:
                 self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?,?,?)", new_shards)
                 self._db.execute(
                     "INSERT OR REPLACE INTO datasets VALUES (?,?,?)",
-                    (name, stamp, manifest.info.logprob_codec),
+                    (name, stamp, manifest.info.exact_as),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -306,18 +305,24 @@ class CacheIndex:
 
 def _manifest_stamp(root: Path) -> str | None:
     try:
-        st = (root / MANIFEST).stat()
+        found = find_manifest(root)
+        if found is None:
+            return None
+        st = found.stat()
     except FileNotFoundError:
         return None
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
-def _shard_keys(dataset: str, path: Path) -> list[tuple[str, str, str, int, int]]:
-    pf = pq.ParquetFile(path)
+def _shard_keys(
+    dataset: str, reader: ShardDataset, file: str
+) -> list[tuple[str, str, str, int, int]]:
+    """The keys of one shard, read through the reader (its size, schema and checksums)."""
+    pf = reader.open_shard(file)
     rows = []
     for group in range(pf.metadata.num_row_groups):
         keys = pf.read_row_group(group, columns=[KEY]).column(KEY).to_pylist()
-        rows += [(dataset, key, path.name, group, i) for i, key in enumerate(keys)]
+        rows += [(dataset, key, file, group, i) for i, key in enumerate(keys)]
     return rows
 
 

@@ -2,7 +2,7 @@
 
 Layout of a data root::
 
-    <data_root>/<dataset>/manifest.json, part-*.parquet   one directory per dataset
+    <data_root>/<dataset>/.manifest.json, part-*.parquet  one directory per dataset
     <data_root>/.distill/index.sqlite                     the cache index (rebuildable)
     <data_root>/.distill/jobs.sqlite                      batch job state
     <data_root>/...                                       input files, anywhere
@@ -159,8 +159,10 @@ class TeacherStore:
             for record in records:
                 if record.key in ds.pending or record.key in stored:
                     continue
-                ds.writer.write(record)
+                # Pending first: the writer holds a record from the moment write() is
+                # called, even when flushing its row group then fails (a full disk).
                 ds.pending[record.key] = record
+                ds.writer.write(record)
                 added += 1
             if added and ds.oldest is None:
                 ds.oldest = self._clock()
