@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from .schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, DatasetInfo
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # schema version 1
@@ -165,3 +168,35 @@ def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Mani
             write_manifest_atomic(root, manifest)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def quarantined_path(root: str | os.PathLike, file: str) -> Path:
+    """Where a damaged shard is kept once dropped from the manifest: a hidden name, so no
+    reader (ours or Arrow's dataset discovery) reads it and no writer reuses its name."""
+    return Path(root) / f".{file}.damaged"
+
+
+def quarantine_shard(root: str | os.PathLike, file: str, reason: str) -> bool:
+    """Drop a damaged shard from the manifest and move it aside (kept for inspection).
+
+    Its rows are then missing, not "present": lookups miss and the teacher recomputes
+    them, into this dataset as into any other, and a resumed job writes them again.
+    Returns False when the manifest no longer lists the shard (someone else did it).
+    """
+    root = Path(root)
+    info = read_manifest(root).info
+    with locked_manifest(root, info) as manifest:
+        listed = [s for s in manifest.shards if s.file == file]
+        if not listed:
+            return False
+        manifest.shards = [s for s in manifest.shards if s.file != file]
+    # Renamed only once the manifest no longer lists it: a reader never meets a listed
+    # shard that is missing.
+    (root / file).rename(quarantined_path(root, file))
+    log.error(
+        "%s: damaged (%s); dropped from the manifest, kept as %s",
+        root / file,
+        reason,
+        quarantined_path(root, file).name,
+    )
+    return True

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import canonical_topk, encode_logprobs
-from .manifest import ShardEntry, fsync_dir, locked_manifest
+from .manifest import ShardEntry, fsync_dir, locked_manifest, quarantined_path
 from .record import SequenceRecord
 from .schema import AdaptiveK, DatasetInfo, parquet_options, shard_metadata
 
@@ -247,10 +247,15 @@ class ShardWriter:
         self._pq, self._tmp, self._in_file = None, None, 0
 
     def _name(self) -> str:
-        """The next final name no shard has had: not listed, not on disk, not used here."""
+        """The next final name no shard has had: not listed, not on disk (quarantined
+        included), not used here."""
         while True:
             name = f"part-{self.writer_id}-{self._seq:05d}.parquet"
-            if name not in self._taken and not (self.root / name).exists():
+            if (
+                name not in self._taken
+                and not (self.root / name).exists()
+                and not quarantined_path(self.root, name).exists()
+            ):
                 return name
             self._seq += 1
 

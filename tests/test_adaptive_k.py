@@ -165,6 +165,8 @@ def test_exporting_an_adaptive_dataset_keeps_every_position_as_it_was(tmp_path):
         writer.write_many(make_record(rng, f"k{i}", K, 2, 6) for i in range(4))
     manifest = export_dataset(src, out, "float32")
     assert manifest.info.adaptive == rule and manifest.info.precision == "cbrt-u8"
-    for a, b in zip(ShardDataset(src).iter_records(), ShardDataset(out).iter_records(), strict=True):
+    for a, b in zip(
+        ShardDataset(src).iter_records(), ShardDataset(out).iter_records(), strict=True
+    ):
         for column in ("topk_ids", "topk_logprobs", "tail_logprob", "token_logprob"):
             np.testing.assert_array_equal(getattr(a, column), getattr(b, column), err_msg=column)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -257,3 +258,36 @@ def test_a_damaged_live_dataset_costs_storing_not_the_answer(settings):
         assert failures == 1
 
     with_runtime(settings, scenario)
+
+
+def test_a_damaged_shard_is_quarantined_and_its_rows_recomputed_into_the_same_dataset(
+    settings,
+):
+    """A shard whose bytes changed on disk is never served: its rows are recomputed (the
+    teacher runs), stored again in the same dataset, and counted once."""
+    from distillcache.shared.manifest import quarantined_path, read_manifest
+    from distillcache.shared.reader import verify_dataset
+
+    queries = [Query("score", PROMPT, 4, completion_ids=(30 + i, 31, 32, 33)) for i in range(6)]
+    assert store_job_rows(settings, "ds", queries) == [False] * 6
+    dataset = settings.data_root / "ds"
+    [shard] = read_manifest(dataset).shards
+    path = dataset / shard.file
+    # One bit inside the compressed data of the largest column chunk (behind its page
+    # header): the page checksum must catch it.
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = max(
+        (group.column(i) for i in range(group.num_columns)),
+        key=lambda c: c.total_compressed_size,
+    )
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size * 3 // 4] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    assert store_job_rows(settings, "ds", queries) == [False] * 6, "a damaged row was served"
+    assert quarantined_path(dataset, shard.file).exists()
+    assert shard.file not in {s.file for s in read_manifest(dataset).shards}
+    keys = [r.key for r in ShardDataset(dataset).iter_records(verify=True)]
+    assert len(keys) == len(set(keys)) == 6
+    assert verify_dataset(dataset) == ([], [])
+    assert store_job_rows(settings, "ds", queries) == [True] * 6

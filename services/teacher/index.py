@@ -8,6 +8,10 @@ dataset it remembers the manifest it last indexed (inode, mtime, size), and
 corrupt or older-version index file is rebuilt from the manifests, so deleting it is
 always safe.
 
+A shard that turns out unreadable when a hit reads it (a failed page checksum, a wrong
+size) is quarantined (``shared.manifest.quarantine_shard``): dropped from its manifest
+and moved aside, so its rows count as missing and are recomputed, never served.
+
 A hit reads one row group of one shard and decodes one row through
 ``shared.reader.table_records``. The last few row groups read are kept as Arrow tables,
 because lookups come in runs (a batch job's rows, a re-run of the same job) that land
@@ -26,7 +30,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from distillcache.shared.manifest import DatasetError, find_manifest, read_manifest
+from distillcache.shared.manifest import (
+    DatasetError,
+    find_manifest,
+    quarantine_shard,
+    read_manifest,
+)
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
 from distillcache.shared.schema import KEY, DatasetInfo
@@ -210,6 +219,20 @@ class CacheIndex:
                 raise
             self._drop_cached(name)
 
+    def _forget_shard(self, name: str, file: str) -> None:
+        """Its rows are no longer stored: lookups miss them and writers may store them again."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("rows", "shards"):
+                    self._db.execute(
+                        f"DELETE FROM {table} WHERE dataset=? AND file=?", (name, file)
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def _drop_cached(self, name: str) -> None:
         self._readers.pop(name, None)
         for ref in [ref for ref in self._tables if ref[0] == name]:
@@ -270,12 +293,31 @@ class CacheIndex:
                         raise DatasetError(f"{loc.shard} row {loc.row} is not {key[:16]}")
                     [record] = table_records(table.slice(loc.row, 1), info)
                 except (DatasetError, IndexError, OSError, ValueError, pa.ArrowException) as e:
-                    log.warning("cache index is stale for %s (%s); re-indexing", loc.dataset, e)
-                    self._db.execute("DELETE FROM datasets WHERE name=?", (loc.dataset,))
+                    if self._damaged(loc):
+                        quarantine_shard(self.data_root / loc.dataset, loc.shard, str(e))
+                        self._forget_shard(loc.dataset, loc.shard)
+                    else:
+                        log.warning("cache index is stale for %s (%s); re-indexing", loc.dataset, e)
+                        self._db.execute("DELETE FROM datasets WHERE name=?", (loc.dataset,))
                     self._drop_cached(loc.dataset)
                     continue
                 out[key] = (loc.dataset, record)
         return out
+
+    def _damaged(self, loc: Location) -> bool:
+        """Whether ``loc``'s shard itself is bad (still listed, yet unreadable: a failed page
+        checksum, a wrong size, undecodable data) rather than the index being stale."""
+        root = self.data_root / loc.dataset
+        try:
+            reader = ShardDataset(root)
+            if loc.shard not in {s.file for s in reader.shards}:
+                return False
+            reader.read_row_group(RowGroupRef(loc.shard, loc.row_group, 0))
+        except FileNotFoundError:
+            return False
+        except (DatasetError, OSError, ValueError, pa.ArrowException):
+            return find_manifest(root) is not None
+        return False
 
     def _row_group(self, loc: Location) -> tuple[DatasetInfo, pa.Table]:
         reader = self._reader(loc.dataset)
