@@ -67,6 +67,31 @@ class TrainConfig(BaseModel):
         "top-k.",
     )
 
+    # Cross-tokenizer distillation (a student whose tokenizer differs from the teacher's).
+    cross_tokenizer: bool = Field(
+        False,
+        description="Distil across tokenizers: the cached completions are retokenized for the "
+        "student and compared chunk by chunk (spans both tokenizers cut at); matched "
+        "vocabulary through --loss, the rest by sorted-probability L1 (ULD). With --loss sft: "
+        "SFT on the retokenized teacher text. Padded batches only (no --packing).",
+    )
+    alm_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Cross-tokenizer only: weight of the chunk-likelihood term (ALM, binary KL "
+        "between the teacher's and the student's probability of each chunk's text).",
+    )
+    teacher_tokenizer: str | None = Field(
+        None,
+        description="Cross-tokenizer only: where to load the teacher's tokenizer from (default: "
+        "the path or id the dataset names); checked against the dataset's tokenizer hash.",
+    )
+    vocab_map_dir: str = Field(
+        ".cache/vocab-maps",
+        description="Cross-tokenizer only: where the teacher-to-student vocabulary map of each "
+        "tokenizer pair is cached.",
+    )
+
     # Batches.
     batch_size: int = Field(
         8, gt=0, description="Sequences per micro-batch per rank (rows when packing)."
@@ -127,6 +152,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps {self.warmup_steps} exceed max_steps {self.max_steps}")
         if self.eval_data is not None and self.eval_fraction > 0:
             raise ValueError("give eval_data or eval_fraction, not both")
+        if self.cross_tokenizer and self.packing:
+            raise ValueError("cross_tokenizer batches are padded; drop packing")
         return self
 
     def to_json(self) -> str:
@@ -143,6 +170,7 @@ DATA_ORDER_FIELDS = (
     "packing",
     "shuffle_window",
     "seed",
+    "cross_tokenizer",
 )
 
 

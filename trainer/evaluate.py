@@ -10,6 +10,7 @@ a checkpoint) on a dataset the same way, in one process.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -37,11 +38,14 @@ def evaluate(
     """Per-token means over every rank's held-out rows.
 
     ``forward(batch)`` returns [KL sum, agreements, CE sum, positions] (see
-    ``sparse_kd.chunked_head_metrics``). Keys: ``eval/kl`` (forward KL at T=1 on the
-    top-k plus tail bucket; 0 without a teacher), ``eval/top1``, ``eval/ce``,
-    ``eval/tokens``.
+    ``sparse_kd.chunked_head_metrics``), and for a cross-tokenizer student also the
+    completions' UTF-8 bytes. Keys: ``eval/kl`` (forward KL at T=1 on the top-k plus tail
+    bucket; 0 without a teacher; across tokenizers the chunk divergence of
+    ``cross_tokenizer`` at T=1), ``eval/top1``, ``eval/ce``, ``eval/tokens``, and where
+    bytes are known ``eval/bpb``: the student's bits per byte of the teacher's completion
+    text, ``CE sum / ln 2 / bytes``, which does not depend on the tokenizer.
     """
-    totals = torch.zeros(4, dtype=torch.float64, device=env.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=env.device)
     filler: Batch | None = None
     source = iter(batches)
     with torch.no_grad():
@@ -65,16 +69,20 @@ def evaluate(
                 break
             batch = batch.to(env.device)
             with autocast():
-                totals += forward(batch).to(totals)
+                sums = forward(batch).to(totals)
+            totals[: len(sums)] += sums
     all_reduce_sum(totals, env)
-    kl, agree, ce, count = totals.tolist()
+    kl, agree, ce, count, n_bytes = totals.tolist()
     count = max(count, 1.0)
-    return {
+    result = {
         "eval/kl": kl / count,
         "eval/top1": agree / count,
         "eval/ce": ce / count,
         "eval/tokens": totals[3].item(),
     }
+    if n_bytes > 0:
+        result["eval/bpb"] = ce / math.log(2) / n_bytes
+    return result
 
 
 def evaluate_model(
