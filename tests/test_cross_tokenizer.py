@@ -19,7 +19,12 @@ from test_trainer_helpers import write_teacher_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillcache.shared.model_source import ModelSourceError, real_tokenizer
-from distillcache.shared.tiny_models import build_tiny_model, synthetic_task_rows
+from distillcache.shared.tiny_models import (
+    build_tiny_model,
+    chat_texts,
+    synthetic_task_rows,
+    train_tiny_model,
+)
 from distillcache.trainer.aligned_data import (
     AlignedShardSource,
     Retokenizer,
@@ -274,3 +279,124 @@ def test_other_tokenizer_is_refused_naming_the_flag_and_trains_with_it(smol_worl
     assert 0 < final["eval/bpb"] < 30 and final["eval/kl"] > 0
     assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
     assert len(list((tmp_path / "maps").glob("*.npz"))) == 1
+
+
+def sampled_rows(teacher: Path, rows: list[dict], max_new_tokens: int = 32) -> list[dict]:
+    """The rows with the teacher's own sampled answers (T=1) as ``teacher_solution``:
+    held-out text drawn from the teacher, which the student should learn to predict."""
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    eos = tok.eos_token_id
+    out_rows = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for start in range(0, len(rows), 50):
+            group = rows[start : start + 50]
+            prompts = [
+                tok.encode(
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": r["question"]}],
+                        add_generation_prompt=True,
+                        tokenize=False,
+                    ),
+                    add_special_tokens=False,
+                )
+                for r in group
+            ]
+            width = max(map(len, prompts))
+            ids = torch.full((len(group), width), eos)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=eos,
+                eos_token_id=eos,
+            )[:, width:]
+            for row, answer in zip(group, generated.tolist(), strict=True):
+                answer = answer[: answer.index(eos)] if eos in answer else answer
+                out_rows.append({**row, "teacher_solution": tok.decode(answer)})
+    return out_rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_cross_tokenizer_kd_beats_sft_on_held_out_bits_per_byte_for_three_seeds(tmp_path):
+    """SmolLM2-tokenizer teacher, GPT-2-tokenizer students: about 15 minutes on one core.
+
+    The teacher (fitted to the arithmetic task) samples its answers; KD and SFT students
+    of each seed start from the same weights and take the same steps on the same rows.
+    Bits per byte of the held-out teacher text does not depend on the tokenizer."""
+    teacher_tok, student_tok = real_tokenizer("smollm2", CACHE), real_tokenizer("gpt2", CACHE)
+    rows = list(synthetic_task_rows(400, seed=2))
+    teacher = build_tiny_model(
+        tmp_path / "teacher", teacher_tok, hidden_size=64, num_heads=2, seed=7
+    )
+    tok = AutoTokenizer.from_pretrained(teacher)
+    train_tiny_model(teacher, chat_texts(rows, tok), steps=150, lr=3e-3)
+    shards = write_teacher_shards(
+        teacher, sampled_rows(teacher, rows), tmp_path / "shards", k=16, row_group_tokens=1500
+    )
+    bpb = {}
+    for seed in (0, 1, 2):
+        student = build_tiny_model(
+            tmp_path / f"student{seed}", student_tok, hidden_size=64, num_heads=2, seed=11 + seed
+        )
+        for loss in ("forward_kl", "sft"):
+            out = train(
+                TrainConfig(
+                    data=str(shards),
+                    student=str(student),
+                    output_dir=str(tmp_path / f"{loss}-{seed}"),
+                    loss=loss,
+                    cross_tokenizer=True,
+                    batch_size=16,
+                    max_steps=40,
+                    lr=3e-3,
+                    warmup_steps=4,
+                    eval_fraction=0.2,
+                    seed=seed,
+                    progress=False,
+                    tensorboard=False,
+                    vocab_map_dir=str(tmp_path / "maps"),
+                )
+            )
+            records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            bpb[loss, seed] = [r for r in records if "eval/bpb" in r][-1]["eval/bpb"]
+    kd = [bpb["forward_kl", s] for s in (0, 1, 2)]
+    sft = [bpb["sft", s] for s in (0, 1, 2)]
+    spread = max(max(kd) - min(kd), max(sft) - min(sft))
+    margins = [b - a for a, b in zip(kd, sft, strict=True)]
+    assert min(margins) > spread, (kd, sft)
+
+
+def test_inspect_reports_the_alignment_with_a_student(smol_world, gpt2):
+    from typer.testing import CliRunner
+
+    from distillcache.cli import app
+
+    def report(student: Path) -> dict[str, str]:
+        result = CliRunner().invoke(
+            app,
+            ["inspect", str(smol_world["shards"]), "--student", str(student)],
+            env={"COLUMNS": "200"},
+        )
+        assert result.exit_code == 0, result.output
+        lines = result.output.split("alignment with")[1].splitlines()[1:]
+        cells = [line.split("│") for line in lines if "│" in line]
+        rows = {name.strip(): value.strip() for name, value in cells}
+        assert "1:1 chunks" in rows, result.output
+        return rows
+
+    same = report(smol_world["tokenizer"])
+    assert same["1:1 chunks"] == "1.0000" and same["matched-mass coverage"] == "1.0000"
+    assert same["chunk coverage (bytes)"] == "1.0000"
+    other = report(real_tokenizer("gpt2", CACHE))
+    assert float(other["1:1 chunks"]) < 1.0
+    assert 0.0 < float(other["matched-mass coverage"]) < 1.0
+    assert float(other["vocabulary map coverage"]) < 1.0
