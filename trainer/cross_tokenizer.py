@@ -52,6 +52,7 @@ import torch
 
 from .losses import divergence, student_log_probs, teacher_log_probs
 from .sparse_kd import LossSpec, _compute_dtype
+from .token_alignment import VocabMap
 
 # Log-prob given to an outcome absent from a row (unmatched ids in the matched part).
 # exp() of it is exactly 0 in float32 and float64 and it stays finite, so every
@@ -71,6 +72,14 @@ class CrossSpec:
     loss: LossSpec
     student_mapped: torch.Tensor
     alm_weight: float = 0.0
+
+
+def cross_spec(loss: LossSpec, vocab_map: VocabMap, alm_weight: float = 0.0) -> CrossSpec:
+    """The ``CrossSpec`` of a student with ``loss.vocab_size`` tokens and this map."""
+    mapped = torch.zeros(loss.vocab_size, dtype=torch.bool)
+    known = min(loss.vocab_size, len(vocab_map.student_mapped))
+    mapped[:known] = torch.from_numpy(vocab_map.student_mapped[:known].copy())
+    return CrossSpec(loss, mapped, alm_weight)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_model,
 )
 from .config import TrainConfig
-from .cross_tokenizer import CrossSpec
+from .cross_tokenizer import cross_spec
 from .data import RunData, open_data
 from .distributed import DistEnv, all_reduce_sum, init_distributed, is_fsdp, shutdown, unwrap, wrap
 from .evaluate import evaluate
@@ -126,10 +126,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     )
     cross = None
     if vocab_map is not None:
-        mapped = torch.zeros(vocab_size, dtype=torch.bool)
-        known = min(vocab_size, len(vocab_map.student_mapped))
-        mapped[:known] = torch.from_numpy(vocab_map.student_mapped[:known].copy())
-        cross = CrossSpec(loss=spec, student_mapped=mapped, alm_weight=config.alm_weight)
+        cross = cross_spec(spec, vocab_map, config.alm_weight)
     module = DistillStudent(model, spec, cross)
     module.train()
     wrapped = wrap(module, config.distributed, env, tuple(model._no_split_modules or ()))
