@@ -400,3 +400,14 @@ def test_inspect_reports_the_alignment_with_a_student(smol_world, gpt2):
     assert float(other["1:1 chunks"]) < 1.0
     assert 0.0 < float(other["matched-mass coverage"]) < 1.0
     assert float(other["vocabulary map coverage"]) < 1.0
+
+
+def test_real_tokenizers_are_built_once_with_their_source_recorded():
+    with pytest.raises(ModelSourceError, match="unknown tokenizer 'gemma'"):
+        real_tokenizer("gemma", CACHE)
+    for name, size in (("smollm2", 49_152), ("gpt2", 50_257)):
+        directory = real_tokenizer(name, CACHE)
+        assert real_tokenizer(name, CACHE) == directory
+        source = json.loads((directory / "distillcache_source.json").read_text())
+        assert source["tokenizer"] == name
+        assert len(AutoTokenizer.from_pretrained(directory)) == size
