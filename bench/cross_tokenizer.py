@@ -18,7 +18,8 @@ cross-tokenizer path (every chunk 1:1: the alignment's own cost), and students o
 same shape on GPT-2's and Qwen2's tokenizers (cross-tokenizer KD proper; Qwen2's head is
 three times wider, which costs on its own).
 
-    python bench/cross_tokenizer.py align --score 200
+    python bench/cross_tokenizer.py align
+    python bench/cross_tokenizer.py align --score 60 --scored-only
     python bench/cross_tokenizer.py step --rows 32 --steps 5
 """
 
@@ -149,13 +150,13 @@ def align(args: argparse.Namespace) -> None:
     sets = {"GSM8K solutions": [t for _, t in solutions], "digits stress": digits_stress(solutions)}
     teacher = AutoTokenizer.from_pretrained(real_tokenizer("smollm2", cache))
     results = {}
-    for name in PAIRS:
+    for name in PAIRS if not args.scored_only else ():
         student = AutoTokenizer.from_pretrained(real_tokenizer(name, cache))
         vocab_map = VocabMap.load_or_build(teacher, student, cache / "vocab-maps")
         for set_name, texts in sets.items():
-            results[f"smollm2 -> {name}, {set_name}"] = report_texts(
-                texts, teacher, student, vocab_map
-            ).shares()
+            label = f"smollm2 -> {name}, {set_name}"
+            results[label] = report_texts(texts, teacher, student, vocab_map).shares()
+            print(json.dumps({label: results[label]}), flush=True)
     if args.score:
         model = resolve_model("smollm2-135m-instruct", cache)
         english = [t for language, t in solutions if language == "eng"]
@@ -163,12 +164,11 @@ def align(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as work:
             shards = score_to_shards(Path(model), texts, Path(work) / "shards", k=64)
             for name in PAIRS:
-                results[f"smollm2 -> {name}, teacher-scored ({len(texts)} rows)"] = report_dataset(
-                    shards,
-                    str(real_tokenizer(name, cache)),
-                    vocab_map_dir=cache / "vocab-maps",
+                label = f"smollm2 -> {name}, teacher-scored ({len(texts)} rows)"
+                results[label] = report_dataset(
+                    shards, str(real_tokenizer(name, cache)), vocab_map_dir=cache / "vocab-maps"
                 ).shares()
-    print(json.dumps(results, indent=1))
+                print(json.dumps({label: results[label]}), flush=True)
 
 
 def _rss_bytes() -> int:
@@ -286,6 +286,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("align", help="alignment report on GSM8K solutions")
     a.add_argument("--score", type=int, default=0, help="rows the real teacher scores")
+    a.add_argument("--scored-only", action="store_true", help="skip the text-only reports")
     s = sub.add_parser("step", help="step time and memory vs same-tokenizer KD")
     s.add_argument("--rows", type=int, default=32)
     s.add_argument("--steps", type=int, default=5)

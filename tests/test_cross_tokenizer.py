@@ -320,7 +320,9 @@ def sampled_rows(teacher: Path, rows: list[dict], max_new_tokens: int = 32) -> l
             )[:, width:]
             for row, answer in zip(group, generated.tolist(), strict=True):
                 answer = answer[: answer.index(eos)] if eos in answer else answer
-                out_rows.append({**row, "teacher_solution": tok.decode(answer)})
+                out_rows.append(
+                    {**row, "teacher_solution": tok.decode(answer, skip_special_tokens=True)}
+                )
     return out_rows
 
 
