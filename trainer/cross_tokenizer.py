@@ -138,7 +138,7 @@ def cross_head_chunk(
     sft = base.loss == "sft"
     alpha = 1.0 if sft else base.alpha
     t = targets
-    rows, vocab = logits.shape
+    vocab = logits.shape[1]
     n_chunks, k = t.ids.shape
     matched = t.ids >= 0
     safe_ids = t.ids.clamp(min=0)

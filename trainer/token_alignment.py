@@ -162,8 +162,6 @@ class VocabMap:
         teacher: PreTrainedTokenizerBase,
         student: PreTrainedTokenizerBase,
         cache_dir: str | Path,
-        teacher_bytes: TokenBytes | None = None,
-        student_bytes: TokenBytes | None = None,
     ) -> VocabMap:
         """The map for this pair from ``cache_dir``, built and saved there on first use.
 
@@ -176,9 +174,7 @@ class VocabMap:
         if path.is_file():
             stored = np.load(path)
             return cls(stored["teacher_to_student"], stored["student_mapped"])
-        built = cls.build(
-            teacher_bytes or TokenBytes(teacher), student_bytes or TokenBytes(student)
-        )
+        built = cls.build(TokenBytes(teacher), TokenBytes(student))
         directory.mkdir(parents=True, exist_ok=True)
         partial = directory / f".{name}.{os.getpid()}.npz"
         np.savez(
