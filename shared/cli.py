@@ -59,6 +59,23 @@ def inspect(
     dataset: Annotated[
         Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
     ],
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="Also report how the completions align with this student's tokenizer (a "
+            "model or tokenizer directory): chunk coverage, 1:1 chunks, matched-mass "
+            "coverage, for --cross-tokenizer training."
+        ),
+    ] = None,
+    teacher_tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="With --student: the teacher's tokenizer, if not where the dataset says."
+        ),
+    ] = None,
+    max_rows: Annotated[
+        int | None, typer.Option(help="With --student: align at most this many rows.")
+    ] = None,
 ) -> None:
     """Summarize a dataset: size, bytes per token, k, teacher, tokenizer, histograms.
 
@@ -111,6 +128,27 @@ def inspect(
     console.print(summary)
     console.print(_bars(top1, "teacher top-1 probability"))
     console.print(_bars(tail, "probability mass outside the top-k"))
+    if student is not None:
+        _print_alignment(console, dataset, student, teacher_tokenizer, max_rows)
+
+
+def _print_alignment(
+    console: Console, dataset: Path, student: str, teacher: str | None, max_rows: int | None
+) -> None:
+    # Imported here: the trainer needs torch and transformers, plain inspect does not.
+    from distillcache.trainer.alignment_report import report_dataset
+
+    try:
+        report = report_dataset(dataset, student, teacher_tokenizer=teacher, max_rows=max_rows)
+    except (OSError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"alignment with {student}", show_header=False, show_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in report.shares().items():
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+    console.print(table)
 
 
 def verify(

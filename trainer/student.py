@@ -9,6 +9,8 @@ the weight only for the duration of the root module's forward).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -16,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from distillcache.shared.keys import tokenizer_hash
 from distillcache.shared.schema import DatasetInfo
 
+from .aligned_data import AlignedBatch
 from .batching import Batch
+from .cross_tokenizer import CrossSpec, cross_head_loss
 from .onpolicy import OnPolicyBatch
 from .sparse_kd import LossSpec, chunked_head_loss, chunked_head_metrics, union_head_loss
 
@@ -40,9 +44,10 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, info: Dataset
         raise TokenizerMismatch(
             f"the student's tokenizer ({name}, vocabulary hash {got[:12]}) is not the one the "
             f"shards were made with ({info.tokenizer}, hash {info.tokenizer_hash[:12]}): the "
-            "teacher's top-k token ids would mean other tokens to this student. Distilling "
-            "across tokenizers needs the cross-tokenizer mode (not available in this trainer "
-            "yet); pick a student that shares the teacher's tokenizer."
+            "teacher's top-k token ids would mean other tokens to this student. Add "
+            "--cross-tokenizer (config: cross_tokenizer = true) to distil across tokenizers "
+            "(the cached text is retokenized and aligned), or pick a student that shares the "
+            "teacher's tokenizer."
         )
     if len(tokenizer) != info.vocab_size:
         raise TokenizerMismatch(
@@ -81,13 +86,15 @@ class DistillStudent(nn.Module):
     """A causal LM whose forward returns the distillation loss of a batch (or eval sums).
 
     Logit rows past ``spec.vocab_size`` (a padded head, e.g. 152,064 rows for 151,665
-    tokens) are left out of every softmax.
+    tokens) are left out of every softmax. With ``cross`` (a student of another
+    tokenizer) the batches are ``AlignedBatch`` es and the loss is ``cross_tokenizer``'s.
     """
 
-    def __init__(self, model: nn.Module, spec: LossSpec) -> None:
+    def __init__(self, model: nn.Module, spec: LossSpec, cross: CrossSpec | None = None) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
+        self.cross = cross
 
     def forward(
         self, batch: Batch, evaluate: bool = False
@@ -100,6 +107,8 @@ class DistillStudent(nn.Module):
         ).last_hidden_state
         hidden = hidden[batch.target_rows, batch.target_cols]
         weight = self.model.get_output_embeddings().weight
+        if isinstance(batch, AlignedBatch):
+            return self._cross(hidden, weight, batch, evaluate)
         targets = (batch.labels, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob)
         if evaluate:
             return chunked_head_metrics(
@@ -117,3 +126,31 @@ class DistillStudent(nn.Module):
                 self.spec,
             )
         return chunked_head_loss(hidden, weight, *targets, self.spec)
+
+    def _cross(
+        self, hidden: torch.Tensor, weight: torch.Tensor, batch: AlignedBatch, evaluate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """The cross-tokenizer loss, or evaluation sums [chunk forward KL at T=1 (on the
+        matched ids plus bucket, unmatched L1), 0 (no top-1 agreement across
+        vocabularies), CE on the student's tokens, positions, completion bytes]."""
+        if self.cross is None:
+            raise ValueError("an aligned batch needs the cross-tokenizer spec (cross_tokenizer)")
+        mapped = self.cross.student_mapped.to(hidden.device)
+        if not evaluate:
+            return cross_head_loss(
+                hidden, weight, batch, replace(self.cross, student_mapped=mapped)
+            )
+        spec = LossSpec(vocab_size=self.spec.vocab_size, chunk_size=self.spec.chunk_size)
+        with torch.no_grad():
+            _, (kd, ce) = cross_head_loss(
+                hidden, weight, batch, CrossSpec(loss=spec, student_mapped=mapped)
+            )
+        return torch.stack(
+            [
+                kd.double(),
+                torch.zeros((), dtype=torch.float64, device=kd.device),
+                ce.double(),
+                torch.tensor(float(batch.n_targets), dtype=torch.float64, device=kd.device),
+                torch.tensor(float(batch.completion_bytes), dtype=torch.float64, device=kd.device),
+            ]
+        )
