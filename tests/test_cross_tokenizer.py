@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_trainer_helpers import write_teacher_shards
+from trainer_support import write_teacher_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillcache.shared.model_source import ModelSourceError, real_tokenizer

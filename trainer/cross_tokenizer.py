@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import divergence, student_log_probs, teacher_log_probs
+from .losses import divergence, student_log_probs, teacher_log_probs, zipf_tail_entropy
 from .sparse_kd import LossSpec, _compute_dtype
 from .token_alignment import VocabMap
 
@@ -198,11 +198,16 @@ def cross_head_chunk(
                 t_bucket = _bucket(t_rest, torch.logsumexp(t_matched, -1), cont_t)
             else:
                 s_bucket = t_bucket = None
+            # At T != 1 the bucket is softened as sparse_kd softens its tail: as a Zipf tail
+            # continuing the teacher's top-k at the chunk's first position.
+            spread = None
+            if tail_mode == "bucket" and base.temperature != 1.0:
+                spread = zipf_tail_entropy(t.teacher, t.tail, base.vocab_size, base.temperature)
             student = student_log_probs(
-                s_matched + cont_s.unsqueeze(1), s_bucket, base.temperature, tail_mode
+                s_matched + cont_s.unsqueeze(1), s_bucket, base.temperature, tail_mode, spread
             )
             teacher = teacher_log_probs(
-                t_matched + cont_t.unsqueeze(1), t_bucket, base.temperature, tail_mode
+                t_matched + cont_t.unsqueeze(1), t_bucket, base.temperature, tail_mode, spread
             )
             if tail_mode == "renormalize":
                 # Chunks with nothing matched have no matched distribution to compare.
