@@ -76,6 +76,10 @@ def demo(
         Path, typer.Option(help="Downloaded and converted models and questions.")
     ] = Path(".cache"),
     steps: Annotated[int, typer.Option(help="Training steps of each student.")] = 40,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Teacher backend: vllm or transformers (default: vllm where installed)."),
+    ] = None,
 ) -> None:
     """The whole pipeline on a real teacher: cache, train KD and SFT students, report.
 
@@ -85,7 +89,8 @@ def demo(
     """
     from distillcache.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out_dir=out_dir, cache_dir=cache_dir, steps=steps))
+    options = {"backend": backend} if backend is not None else {}
+    run_demo(DemoConfig(out_dir=out_dir, cache_dir=cache_dir, steps=steps, **options))
 
 
 def _one_line(error: BaseException) -> str:

@@ -42,6 +42,8 @@ def test_demo_pipeline_caches_trains_reports_and_reuses_the_cache(tmp_path, tiny
         steps=4,
         batch_size=4,
         max_length=128,
+        # The reduced run checks the pipeline; the vLLM backend has its own tests.
+        backend="transformers",
     )
     report = run_demo(cfg)
 
