@@ -90,7 +90,9 @@ def test_rows_that_all_fail_exit_1_leave_no_dataset_and_a_rerun_with_other_setti
     assert allowed.returncode == 0, allowed.stderr
 
     good = write_jsonl(tmp_path / "good.jsonl", question_rows(2))
-    assert distill("cache", str(good), *base, "--max-tokens", "4").returncode == 0
+    stored = distill("cache", str(good), *base, "--max-tokens", "4")
+    assert stored.returncode == 0
+    assert f"data root {out.parent} " in stored.stderr.splitlines()[0]
     assert (out / MANIFEST).exists()
     other = distill("cache", str(good), *base, "--max-tokens", "8")
     assert other.returncode == 1

@@ -113,8 +113,13 @@ def test_an_output_dir_holding_a_run_needs_resume_or_overwrite(world, tmp_path, 
     out = tmp_path / "run"
     args = ["train", "--data", str(world["shards"]), "--student", str(world["student"])]
     args += ["--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--no-progress"]
-    args += ["--no-tensorboard"]
-    assert run_main(args, capsys)[0] == 0
+    args += ["--no-tensorboard", "--eval-fraction", "0.25"]
+    code, err = run_main(args, capsys)
+    assert code == 0
+    # Each evaluation and a closing summary reach the terminal, not only metrics.jsonl.
+    assert "step 1: held-out KL" in err
+    for label in ("held-out KL to the teacher", "held-out top-1 agreement", "model", "metrics"):
+        assert label in err
     first = (out / "metrics.jsonl").read_text()
 
     code, err = run_main(args, capsys)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -213,6 +214,8 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
+        # stderr, like every other progress and summary line: stdout stays free for data.
+        console=Console(stderr=True),
         disable=not (env.main and config.progress),
     )
 
