@@ -291,3 +291,24 @@ def test_a_damaged_shard_is_quarantined_and_its_rows_recomputed_into_the_same_da
     assert len(keys) == len(set(keys)) == 6
     assert verify_dataset(dataset) == ([], [])
     assert store_job_rows(settings, "ds", queries) == [True] * 6
+
+
+def test_a_torn_manifest_beside_good_shards_is_rebuilt_from_them(settings):
+    """The shards carry their dataset's info: a manifest cut mid-write is rebuilt from
+    them when the dataset is next opened, and every row is served again."""
+    from distillcache.shared.manifest import find_manifest, read_manifest
+    from distillcache.shared.reader import verify_dataset
+
+    queries = [Query("score", PROMPT, 4, completion_ids=(40 + i, 31, 32, 33)) for i in range(4)]
+    assert store_job_rows(settings, "ds", queries) == [False] * 4
+    dataset = settings.data_root / "ds"
+    before = read_manifest(dataset)
+    manifest = find_manifest(dataset)
+    manifest.write_text(manifest.read_text()[: len(manifest.read_text()) // 2])
+
+    assert store_job_rows(settings, "ds", queries) == [True] * 4
+    after = read_manifest(dataset)
+    assert [(s.file, s.rows, s.tokens, s.sha256) for s in after.shards] == [
+        (s.file, s.rows, s.tokens, s.sha256) for s in before.shards
+    ]
+    assert verify_dataset(dataset) == ([], [])

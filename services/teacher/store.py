@@ -31,6 +31,8 @@ exactly those.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import threading
 import time
@@ -38,13 +40,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillcache.shared.manifest import DatasetError
+from distillcache.shared.manifest import DatasetError, find_manifest, read_manifest
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import LogprobCodec, Sampling, as_exact_codecs
+from distillcache.shared.repair import rebuild_manifest
+from distillcache.shared.schema import (
+    READABLE_SCHEMA_VERSIONS,
+    LogprobCodec,
+    Sampling,
+    as_exact_codecs,
+)
 from distillcache.shared.writer import ShardWriter
 
 from .identity import TeacherIdentity
 from .index import CacheIndex
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = ".distill"
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -61,6 +71,31 @@ class Answer:
     record: SequenceRecord
     cached: bool
     dataset: str | None
+
+
+def _repair_torn_manifest(path: Path) -> bool:
+    """A manifest that is no longer valid JSON (or no longer a manifest), beside shards, is
+    rebuilt from the shards' own metadata (shared/repair.py) before the dataset is opened.
+    A manifest of a schema version this code cannot read is left alone."""
+    found = find_manifest(path)
+    if found is None or not any(path.glob("part-*.parquet")):
+        return False
+    try:
+        read_manifest(path)
+        return False
+    except DatasetError as e:
+        try:
+            data = json.loads(found.read_text())
+            torn = not isinstance(data, dict) or (
+                data.get("schema_version") in READABLE_SCHEMA_VERSIONS
+            )
+        except (ValueError, OSError):
+            torn = True
+        if not torn:
+            return False
+        log.error("%s: %s; rebuilding the manifest from the shards", path, e)
+    rebuild_manifest(path)
+    return True
 
 
 def check_dataset_name(name: str) -> str:
@@ -138,6 +173,8 @@ class TeacherStore:
                     )
                 return
             info = self.identity.dataset_info(k, self.codec, sampling)
+            if _repair_torn_manifest(self.dataset_path(name)):
+                self.index.refresh_dataset(name)
             writer = ShardWriter(
                 self.dataset_path(name), info, row_group_tokens=self.row_group_tokens
             )
