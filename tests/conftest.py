@@ -1,7 +1,8 @@
 """Shared pytest fixtures: a real chat tokenizer trained locally (there is no model hub), a
 tiny teacher, and a real teacher server per test module with its client."""
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -86,3 +87,27 @@ def client(server: Server) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=server.url, timeout=60, headers=headers) as c:
         yield c
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mounts a tmpfs of a given size (``"512k"``, ``"4m"``): a disk that really fills up.
+    Skips the test where mounting is not allowed (not root); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"tmpfs-{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

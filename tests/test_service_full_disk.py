@@ -25,23 +25,6 @@ from distillcache.shared.reader import ShardDataset
 ROWS = 24
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def fill(disk: Path, leave: int) -> Path:
     """Fill ``disk`` up, then free ``leave`` bytes of it again."""
     filler = disk / "filler"
@@ -57,8 +40,9 @@ def fill(disk: Path, leave: int) -> Path:
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_job_and_live_requests_loses_and_doubles_nothing(
-    small_disk: Path, teacher_model: Path
+    tmpfs, teacher_model: Path
 ):
+    small_disk = tmpfs("4m")
     data = small_disk / "data"
     data.mkdir()
     rows = question_rows(ROWS)

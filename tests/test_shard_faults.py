@@ -16,7 +16,6 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -255,21 +254,9 @@ def test_an_altered_shard_without_page_checksums_is_refused_before_first_use(tmp
 
 
 @pytest.fixture
-def tiny_filesystem(tmp_path):
+def tiny_filesystem(tmpfs):
     """A 512 KiB tmpfs: a disk that really fills up (skipped where mounting is not allowed)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return tmpfs("512k")
 
 
 def test_a_really_full_disk_loses_no_row_once_space_is_freed(tiny_filesystem):
