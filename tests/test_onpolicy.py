@@ -241,11 +241,22 @@ def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
         for t in threads:
             t.start()
         client = TeacherClient(url)
+
+        def ease_off() -> None:
+            # Once the client has been refused, the load stops so that its retry gets in
+            # (six loaders against a queue of one could otherwise starve it for good).
+            while not stop.is_set() and client.busy_waits == 0:
+                stop.wait(0.01)
+            stop.set()
+
+        watcher = threading.Thread(target=ease_off)
+        watcher.start()
         try:
             pair = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}
             scored, call = client.score([pair], k=4, dataset=None)
         finally:
             stop.set()
+            watcher.join()
             for t in threads:
                 t.join()
             client.close()

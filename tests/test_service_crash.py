@@ -77,6 +77,9 @@ def test_distill_cache_killed_with_sigkill_midway_and_restarted_stores_every_row
         "4",
         "--max-tokens",
         "16",
+        # The one malformed line is expected; any other failure must fail the command.
+        "--max-failures",
+        "1",
     ]
     env = {**os.environ, **ENV}
 

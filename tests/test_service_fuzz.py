@@ -52,7 +52,9 @@ def test_no_generated_request_gets_a_server_error(server, mode):
         def no_server_error(case) -> None:
             response = case.call(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
             seen[case.operation.label] = seen.get(case.operation.label, 0) + 1
-            assert response.status_code < 500, (
+            # 501 is a deliberate answer (the weight-sync endpoints of a fixed teacher), not
+            # a server error.
+            assert response.status_code < 500 or response.status_code == 501, (
                 f"{case.method} {case.formatted_path} {case.body!r} -> "
                 f"{response.status_code} {response.text[:300]}"
             )
