@@ -154,6 +154,8 @@ class CompletionBody(BaseModel):
         else:
             ids = tuple(prompt)
             text = None
+        if not ids:
+            raise QueryError("prompt", "is empty: there is nothing to score or continue")
         score = generate = None
         wants_prompt = self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
         if wants_prompt and len(ids) > 1:
