@@ -47,6 +47,15 @@ class Query:
         """The first scored position: that of the first completion token unless given."""
         return len(self.prompt_ids) if self.logprob_start is None else self.logprob_start
 
+    @property
+    def answer_entries(self) -> int:
+        """Log-probs an answer to this query holds at most: scored positions x k, plus the
+        score_ids' values (what a response limit counts)."""
+        if self.mode == "generate":
+            return self.sampling.max_tokens * self.k
+        positions = len(self.prompt_ids) + len(self.completion_ids) - self.start
+        return positions * self.k + sum(len(ids) for ids in self.score_ids)
+
     def key_sampling(self) -> dict[str, Any]:
         """What the cache key covers beyond ids and k: a generation's sampling, normalised
         (greedy ignores ``top_p`` and ``seed``); where scoring starts, when it is not the

@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 
+from .backend import Query
 from .metrics import ServiceMetrics
 from .runtime import Runtime
 from .settings import TeacherSettings
@@ -93,3 +94,16 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise ClientGone()
+
+
+def check_answer_size(queries: list[Query], max_entries: int) -> None:
+    """413 before the teacher runs when the answers would hold more than ``max_entries``
+    log-probs (setting max_response_entries): every route that answers queries asks this."""
+    entries = sum(q.answer_entries for q in queries)
+    if entries > max_entries:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"the answer would hold {entries:,} log-probs (positions x k); the server sends "
+            f"at most {max_entries:,} per request (setting max_response_entries): ask for "
+            "fewer or shorter sequences, a smaller k or fewer max_tokens",
+        )

@@ -28,7 +28,15 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from distillcache.shared.manifest import DatasetError
 
 from .backend import Query
-from .deps import CLIENT_CLOSED, ClientGone, Ready, State, dataset_name, unless_disconnected
+from .deps import (
+    CLIENT_CLOSED,
+    ClientGone,
+    Ready,
+    State,
+    check_answer_size,
+    dataset_name,
+    unless_disconnected,
+)
 from .limits import QueryError
 from .protocol_openai import CompletionBody, Plan, Wire, completion_response, models_response
 from .runtime import Runtime
@@ -103,14 +111,7 @@ async def answer_queries(
     """The service's answers to ``queries`` (checked), in order, for a foreign protocol's
     route: 413 beyond ``max_entries`` log-probs before the teacher runs, ClientGone once
     the client has left."""
-    entries = sum(_entries(q) for q in queries)
-    if entries > max_entries:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"the answer would hold {entries:,} log-probs (positions x k); the server sends "
-            f"at most {max_entries:,} per request (setting max_response_entries): send "
-            "fewer or shorter sequences, or ask for fewer log-probs",
-        )
+    check_answer_size(queries, max_entries)
     return await unless_disconnected(request, _answer(rt, queries, dataset))
 
 
@@ -133,10 +134,3 @@ async def _answer(rt: Runtime, queries: list[Query], dataset: str | None) -> lis
         for i, a in zip(where, got, strict=True):
             answers[i] = a
     return answers  # type: ignore[return-value]
-
-
-def _entries(query: Query) -> int:
-    """Log-probs an answer to ``query`` holds at most: scored positions x k."""
-    if query.mode == "generate":
-        return query.sampling.max_tokens * query.k
-    return (len(query.prompt_ids) + len(query.completion_ids) - query.start) * query.k

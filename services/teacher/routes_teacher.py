@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from .answer_arrow import ARROW_STREAM, encode_answers, wants_arrow
 from .backend import Query
-from .deps import CLIENT_CLOSED, ClientGone, Ready, State, unless_disconnected
+from .deps import CLIENT_CLOSED, ClientGone, Ready, State, check_answer_size, unless_disconnected
 from .limits import QueryError
 from .protocol import AnswerResponse, GenerateBody, ScoreBody, ScoreResponse
 from .runtime import Runtime
@@ -109,14 +109,7 @@ async def _answer(
     dataset: str | None,
     metas: list[dict] | None,
 ) -> Response:
-    entries = sum(_entries(q) for q in queries)
-    if entries > settings.max_response_entries:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"the answer would hold {entries:,} log-probs (positions x k); the server sends "
-            f"at most {settings.max_response_entries:,} per request (setting "
-            "max_response_entries): ask for fewer pairs, a smaller k or fewer max_tokens",
-        )
+    check_answer_size(queries, settings.max_response_entries)
     try:
         answers = await unless_disconnected(
             request, rt.service.answer(queries, cache=cache, dataset=dataset, metas=metas)
@@ -133,14 +126,6 @@ async def _answer(
         return shape([AnswerResponse.of(a, codec) for a in answers]).model_dump_json().encode()
 
     return Response(await asyncio.to_thread(encode), media_type="application/json")
-
-
-def _entries(query: Query) -> int:
-    """Log-probs an answer to ``query`` holds at most: scored positions x k."""
-    if query.mode == "generate":
-        return query.sampling.max_tokens * query.k
-    positions = len(query.prompt_ids) + len(query.completion_ids) - query.start
-    return positions * query.k + sum(len(ids) for ids in query.score_ids)
 
 
 def _checked(rt: Runtime, make: Callable[[], Query], field_name: Callable[[str], str]) -> Query:
