@@ -34,7 +34,6 @@ from distillcache.shared.manifest import (
     DatasetError,
     find_manifest,
     quarantine_shard,
-    read_manifest,
 )
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
@@ -162,12 +161,12 @@ class CacheIndex:
         if row is not None and row[0] == stamp:
             return
         try:
-            manifest = read_manifest(root)
+            reader = ShardDataset(root)
         except DatasetError as e:
             log.warning("not indexing %s: %s", root, e)
             self._forget(name)
             return
-        listed = {s.file: s.sha256 for s in manifest.shards}
+        listed = {s.file: s.sha256 for s in reader.shards}
         with self._lock:
             indexed = dict(
                 self._db.execute("SELECT file, sha256 FROM shards WHERE dataset=?", (name,))
@@ -183,7 +182,7 @@ class CacheIndex:
             if file in indexed:
                 continue
             try:
-                new_rows += _shard_keys(name, ShardDataset(root), file)
+                new_rows += _shard_keys(name, reader, file)
             except (OSError, DatasetError, pa.ArrowException) as e:
                 log.warning("not indexing shard %s: %s", root / file, e)
                 continue
@@ -195,7 +194,7 @@ class CacheIndex:
                 self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?,?,?)", new_shards)
                 self._db.execute(
                     "INSERT OR REPLACE INTO datasets VALUES (?,?,?)",
-                    (name, stamp, manifest.info.exact_as),
+                    (name, stamp, reader.info.exact_as),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
