@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distillcache.shared.codec import decode_logprobs, encode_logprobs
 from distillcache.shared.inputs import (
@@ -272,6 +272,27 @@ class DatasetSummary(BaseModel):
             updated=manifest.updated,
             info=manifest.info,
         )
+
+
+def text_token_ids(text: str, tokenizer: Any, max_chars: int) -> tuple[int, ...]:
+    """A raw text prompt (foreign protocols send text without a chat template) as ids:
+    at most ``max_chars`` characters before tokenising, and not empty after."""
+    if len(text) > max_chars:
+        raise QueryError("prompt", _too_long(len(text), max_chars))
+    ids = tuple(tokenizer(text)["input_ids"])
+    if not ids:
+        raise QueryError("prompt", "is empty: there is nothing to score or continue")
+    return ids
+
+
+def sampling_of(**fields: Any) -> Sampling:
+    """``Sampling`` from a foreign body's fields; a value out of range is a QueryError
+    naming the field (a 422), as for our own bodies."""
+    try:
+        return Sampling(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise QueryError(str(first["loc"][0]), first["msg"]) from None
 
 
 def _too_long(chars: int, max_chars: int) -> str:

@@ -47,13 +47,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distillcache.shared.schema import LogprobCodec, Sampling
 
 from .backend import Query
-from .limits import QueryError
-from .protocol import AnswerResponse
+from .protocol import AnswerResponse, sampling_of, text_token_ids
 from .store import Answer
 
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
@@ -129,33 +128,19 @@ class CompletionBody(BaseModel):
 
     def sampling(self) -> Sampling:
         """The generation's sampling (``max_tokens`` > 0)."""
-        try:
-            return Sampling(
-                max_tokens=self.max_tokens,
-                temperature=self.temperature_or_default,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                seed=self.seed,
-            )
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise QueryError(str(first["loc"][0]), first["msg"]) from None
+        return sampling_of(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature_or_default,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+        )
 
     def plan(self, i: int, prompt: str | list[int], tokenizer: Any, max_chars: int) -> Plan:
         """Prompt ``i``'s queries (unchecked)."""
         if isinstance(prompt, str):
-            if len(prompt) > max_chars:
-                raise QueryError(
-                    "prompt",
-                    f"is {len(prompt):,} characters; the server takes at most {max_chars:,} "
-                    "(setting max_prompt_chars)",
-                )
-            ids = tuple(tokenizer(prompt)["input_ids"])
-            text = prompt
+            ids, text = text_token_ids(prompt, tokenizer, max_chars), prompt
         else:
-            ids = tuple(prompt)
-            text = None
-        if not ids:
-            raise QueryError("prompt", "is empty: there is nothing to score or continue")
+            ids, text = tuple(prompt), None
         score = generate = None
         wants_prompt = self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
         if wants_prompt and len(ids) > 1:

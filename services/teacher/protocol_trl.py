@@ -29,12 +29,10 @@ import base64
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from distillcache.shared.schema import Sampling
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .backend import Query
-from .limits import QueryError
+from .protocol import sampling_of, text_token_ids
 from .protocol_openai import Positions, Wire
 from .store import Answer
 
@@ -154,23 +152,13 @@ class GenerateBody(_Body):
     def query(self, i: int, tokenizer: Any, max_chars: int) -> Query:
         prompt = self.prompts[i]
         if isinstance(prompt, str):
-            if len(prompt) > max_chars:
-                raise QueryError(
-                    "prompt",
-                    f"is {len(prompt):,} characters; the server takes at most {max_chars:,} "
-                    "(setting max_prompt_chars)",
-                )
-            prompt = tokenizer(prompt)["input_ids"]
-        try:
-            sampling = Sampling(
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                seed=self.generation_kwargs.get("seed"),
-            )
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise QueryError(str(first["loc"][0]), first["msg"]) from None
+            prompt = text_token_ids(prompt, tokenizer, max_chars)
+        sampling = sampling_of(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.generation_kwargs.get("seed"),
+        )
         return Query("generate", tuple(prompt), max(1, self.logprobs or 0), sampling)
 
     def field_name(self, i: int, part: str) -> str:
