@@ -6,6 +6,7 @@ backend load) or as a `distill serve` subprocess (when a test must SIGKILL it).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -131,3 +132,17 @@ def metric_value(exposition: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+def fill_disk(disk: Path, leave: int) -> Path:
+    """Fill the file system of ``disk`` up (to ENOSPC), then free ``leave`` bytes of it
+    again; returns the filler file, whose removal frees the rest."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    os.truncate(filler, max(filler.stat().st_size - leave, 0))
+    return filler

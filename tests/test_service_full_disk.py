@@ -9,33 +9,26 @@ passes on every dataset. Skipped where a tmpfs cannot be mounted (not root).
 
 from __future__ import annotations
 
-import errno
-import os
 import subprocess
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
-from service_support import DISTILL, metric, question_rows, thread_server, wait_job, write_jsonl
+from service_support import (
+    DISTILL,
+    fill_disk,
+    metric,
+    question_rows,
+    thread_server,
+    wait_job,
+    write_jsonl,
+)
 
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.reader import ShardDataset
 
 ROWS = 24
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Fill ``disk`` up, then free ``leave`` bytes of it again."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-    os.truncate(filler, max(filler.stat().st_size - leave, 0))
-    return filler
 
 
 @pytest.mark.slow
@@ -59,7 +52,7 @@ def test_a_full_disk_during_a_job_and_live_requests_loses_and_doubles_nothing(
     stored_answers: list[tuple[str, str]] = []
     statuses: list[int] = []
     with thread_server(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
-        filler = fill(small_disk, leave=16 << 10)
+        filler = fill_disk(small_disk, leave=16 << 10)
         job = client.post(
             "/v1/jobs", json={"input": "rows.jsonl", "output": "ds", "max_tokens": 6}
         ).json()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from service_support import fill_disk
 from test_shards import assert_row_matches, make_info, make_record
 
 from distillcache.shared import manifest as manifest_module
@@ -266,14 +267,7 @@ def test_a_really_full_disk_loses_no_row_once_space_is_freed(tiny_filesystem):
     writer = ShardWriter(root, make_info(), max_shard_rows=5, row_group_tokens=12)
     writer.write_many(records[:5])
     assert read_manifest(root).rows == 5
-    filler = tiny_filesystem / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-    os.truncate(filler, filler.stat().st_size - 3 * 4096)  # room for part of a shard
+    filler = fill_disk(tiny_filesystem, leave=3 * 4096)  # room for part of a shard
 
     failures = 0
     for record in records[5:]:
