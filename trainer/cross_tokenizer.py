@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import divergence, student_log_probs, teacher_log_probs, zipf_tail_entropy
-from .sparse_kd import LossSpec, _compute_dtype
+from .sparse_kd import ChunkedHead, LossSpec
 from .token_alignment import VocabMap
 
 # Log-prob given to an outcome absent from a row (unmatched ids in the matched part).
@@ -278,54 +278,6 @@ def _targets(batch_slice: dict[str, torch.Tensor]) -> ChunkTargets:
     )
 
 
-class _CrossHeadLoss(torch.autograd.Function):
-    """Sum of the cross-tokenizer loss; gradients computed chunk by chunk in forward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, alignment, spec):
-        vocab = spec.loss.vocab_size
-        dtype = _compute_dtype(hidden)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
-        totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-        cuts = head_cuts(alignment["chunk_first"], alignment["aligned"], spec.loss.chunk_size)
-        with torch.autocast(hidden.device.type, enabled=False):
-            head = weight[:vocab].to(dtype)
-            for start, end in zip(cuts[:-1], cuts[1:], strict=True):
-                h = hidden[start:end].to(dtype)
-                logits = (h @ head.T).float()
-                part = {name: value[start:end] for name, value in alignment.items()}
-                loss, kd, ce, grad_logits = cross_head_chunk(
-                    logits, labels[start:end], _targets(part), spec, want_grad=need_h or need_w
-                )
-                if grad_logits is not None:
-                    grad_logits = grad_logits.to(dtype)
-                    if need_h:
-                        grad_h[start:end] = grad_logits @ head
-                    if need_w and dtype == torch.float32:
-                        grad_w[:vocab].addmm_(grad_logits.T, h)
-                    elif need_w:
-                        grad_w[:vocab] += grad_logits.T @ h
-                totals += torch.stack([loss, kd, ce]).double()
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        stats = totals[1:].float()
-        ctx.mark_non_differentiable(stats)
-        return totals[0].float(), stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss)
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
-
-
 ALIGNMENT_FIELDS = (
     "chunk_first",
     "aligned",
@@ -344,4 +296,14 @@ def cross_head_loss(
     [chunk divergence sum, CE sum]. ``batch`` is an ``aligned_data.AlignedBatch``;
     ``hidden`` [N, H] the student's final hidden states at its target positions."""
     alignment = {name: getattr(batch, name) for name in ALIGNMENT_FIELDS}
-    return _CrossHeadLoss.apply(hidden, weight, batch.labels, alignment, spec)
+    labels = batch.labels
+
+    def score(logits, start, end, want_grad):
+        part = {name: value[start:end] for name, value in alignment.items()}
+        return cross_head_chunk(
+            logits, labels[start:end], _targets(part), spec, want_grad=want_grad
+        )
+
+    cuts = head_cuts(alignment["chunk_first"], alignment["aligned"], spec.loss.chunk_size)
+    spans = list(zip(cuts[:-1], cuts[1:], strict=True))
+    return ChunkedHead.apply(hidden, weight, spec.loss.vocab_size, spans, score)

@@ -164,12 +164,18 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum over positions of the loss; gradients computed chunk by chunk in forward."""
+class ChunkedHead(torch.autograd.Function):
+    """The sum of a loss over the rows of ``hidden`` through the output head, span by span.
+
+    ``spans`` are (start, end) row ranges; for each, the span's logits are made and handed
+    to ``score(logits, start, end, want_grad)``, which returns the span's (loss, kd, ce)
+    sums and d loss / d logits. That gradient is folded into the hidden and head gradients
+    at once and the logits dropped, so no [N, V] tensor is ever held. Both the sparse KD
+    loss here and the cross-tokenizer loss (cross_tokenizer.py) run through this.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, teacher, tail_entropy, empty, tail, spec):
-        vocab = spec.vocab_size
+    def forward(ctx, hidden, weight, vocab, spans, score):
         dtype = _compute_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -179,25 +185,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         totals = torch.zeros(3, dtype=torch.float64, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             head = weight[:vocab].to(dtype)
-            for start in range(0, hidden.shape[0], spec.chunk_size):
-                end = start + spec.chunk_size
+            for start, end in spans:
                 h = hidden[start:end].to(dtype)
                 logits = (h @ head.T).float()
-                ids = None if topk_ids is None else topk_ids[start:end]
-                target = None if teacher is None else teacher[start:end]
-                spread = None if tail_entropy is None else tail_entropy[start:end]
-                unused = None if empty is None else empty[start:end]
-                loss, kd, ce, grad_logits = head_chunk(
-                    logits,
-                    labels[start:end],
-                    ids,
-                    target,
-                    spec,
-                    need_h or need_w,
-                    spread,
-                    unused,
-                    tail,
-                )
+                loss, kd, ce, grad_logits = score(logits, start, end, need_h or need_w)
                 if grad_logits is not None:
                     grad_logits = grad_logits.to(dtype)
                     if need_h:
@@ -206,7 +197,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                         grad_w[:vocab].addmm_(grad_logits.T, h)
                     elif need_w:
                         grad_w[:vocab] += grad_logits.T @ h
-                totals += torch.stack([loss.sum(), kd.sum(), ce.sum()]).double()
+                totals += torch.stack([loss, kd, ce]).double()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         stats = totals[1:].float()
@@ -221,7 +212,32 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None
+
+
+def _sparse_head(hidden, weight, labels, topk_ids, teacher, tail_entropy, empty, tail, spec):
+    """``ChunkedHead`` with ``head_chunk`` scoring fixed spans of ``spec.chunk_size`` rows."""
+
+    def part(values, start, end):
+        return None if values is None else values[start:end]
+
+    def score(logits, start, end, want_grad):
+        loss, kd, ce, grad_logits = head_chunk(
+            logits,
+            labels[start:end],
+            part(topk_ids, start, end),
+            part(teacher, start, end),
+            spec,
+            want_grad,
+            part(tail_entropy, start, end),
+            part(empty, start, end),
+            tail,
+        )
+        return loss.sum(), kd.sum(), ce.sum(), grad_logits
+
+    n = hidden.shape[0]
+    spans = [(start, min(start + spec.chunk_size, n)) for start in range(0, n, spec.chunk_size)]
+    return ChunkedHead.apply(hidden, weight, spec.vocab_size, spans, score)
 
 
 def chunked_head_loss(
@@ -252,9 +268,7 @@ def chunked_head_loss(
         teacher = teacher_log_probs(
             topk_logprobs, tail_logprob, spec.temperature, tail, tail_entropy
         )
-    return _ChunkedHeadLoss.apply(
-        hidden, weight, labels, topk_ids, teacher, tail_entropy, None, None, spec
-    )
+    return _sparse_head(hidden, weight, labels, topk_ids, teacher, tail_entropy, None, None, spec)
 
 
 def union_head_loss(
@@ -296,9 +310,7 @@ def union_head_loss(
     ids, empty, teacher, tail_entropy = union_teacher_log_probs(
         topk_ids, topk_logprobs, score_ids, score_logprobs, spec.vocab_size, spec.temperature
     )
-    return _ChunkedHeadLoss.apply(
-        hidden, weight, labels, ids, teacher, tail_entropy, empty, "bucket", spec
-    )
+    return _sparse_head(hidden, weight, labels, ids, teacher, tail_entropy, empty, "bucket", spec)
 
 
 @torch.no_grad()
