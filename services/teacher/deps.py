@@ -5,13 +5,14 @@ runs before any of this, in gate.py.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 
 from .backend import Query
+from .limits import QueryError
 from .metrics import ServiceMetrics
 from .runtime import Runtime
 from .settings import TeacherSettings
@@ -107,3 +108,18 @@ def check_answer_size(queries: list[Query], max_entries: int) -> None:
             f"at most {max_entries:,} per request (setting max_response_entries): ask for "
             "fewer or shorter sequences, a smaller k or fewer max_tokens",
         )
+
+
+def checked(
+    rt: Runtime, make: Callable[[], Query | None], field_name: Callable[[str], str]
+) -> Query | None:
+    """The query ``make`` builds (None: nothing to ask), within the teacher's limits; a
+    QueryError from either names the body's own field (``field_name`` maps the generic
+    part). Every route that turns a body into queries goes through this."""
+    try:
+        query = make()
+        if query is not None:
+            rt.service.limits.check(query)
+    except QueryError as e:
+        raise QueryError(field_name(e.field), e.message) from None
+    return query

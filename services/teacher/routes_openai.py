@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
@@ -40,6 +41,7 @@ from .deps import (
 from .limits import QueryError
 from .protocol_openai import CompletionBody, Plan, Wire, completion_response, models_response
 from .runtime import Runtime
+from .settings import TeacherSettings
 from .store import Answer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -134,3 +136,27 @@ async def _answer(rt: Runtime, queries: list[Query], dataset: str | None) -> lis
         for i, a in zip(where, got, strict=True):
             answers[i] = a
     return answers  # type: ignore[return-value]
+
+
+async def respond_json(
+    rt: Runtime,
+    settings: TeacherSettings,
+    request: Request,
+    queries: list[Query | None],
+    shape: Callable[..., dict],
+) -> Response:
+    """A foreign protocol's JSON answer: the queries answered (None: nothing to ask;
+    ``answer_queries``), ``shape``'s response encoded off the event loop."""
+    asked = [q for q in queries if q is not None]
+    dataset = target_dataset(request, settings.dropin_dataset)
+    try:
+        got = iter(await answer_queries(rt, request, asked, settings.max_response_entries, dataset))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    answers = [next(got) if q is not None else None for q in queries]
+    wire = Wire(settings.logprob_codec, settings.logprobs_mode, rt.backend.tokenizer)
+
+    def encode() -> bytes:
+        return json.dumps(shape(answers, wire)).encode()
+
+    return Response(await asyncio.to_thread(encode), media_type="application/json")

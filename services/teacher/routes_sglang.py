@@ -8,15 +8,13 @@ named by the body's field, ``max_response_entries``, the one ``TeacherService``,
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter, Request, Response
 
-from .deps import CLIENT_CLOSED, ClientGone, Ready, State
-from .limits import QueryError
-from .protocol_openai import Wire
+from .backend import Query
+from .deps import Ready, State, checked
 from .protocol_sglang import GenerateBody
-from .routes_openai import answer_queries, target_dataset
+from .routes_openai import respond_json
 
 router = APIRouter(tags=["sglang"])
 
@@ -26,27 +24,11 @@ async def generate(body: GenerateBody, rt: Ready, state: State, request: Request
     """SGLang's scoring of token-id sequences: every input position's top-k."""
     settings = state.settings
 
-    def queries():
-        made = [body.query(i) for i in range(len(body.sequences()))]
-        for i, query in enumerate(made):
-            if query is not None:
-                try:
-                    rt.service.limits.check(query)
-                except QueryError as e:
-                    raise QueryError(body.field_name(i, e.field), e.message) from None
-        return made
+    def queries() -> list[Query | None]:
+        return [
+            checked(rt, lambda i=i: body.query(i), lambda part, i=i: body.field_name(i, part))
+            for i in range(len(body.sequences()))
+        ]
 
     made = await asyncio.to_thread(queries)
-    asked = [q for q in made if q is not None]
-    dataset = target_dataset(request, settings.dropin_dataset)
-    try:
-        got = iter(await answer_queries(rt, request, asked, settings.max_response_entries, dataset))
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)
-    answers = [next(got) if q is not None else None for q in made]
-    wire = Wire(settings.logprob_codec, settings.logprobs_mode, rt.backend.tokenizer)
-
-    def encode() -> bytes:
-        return json.dumps(body.response(answers, wire)).encode()
-
-    return Response(await asyncio.to_thread(encode), media_type="application/json")
+    return await respond_json(rt, settings, request, made, body.response)

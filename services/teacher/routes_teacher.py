@@ -21,8 +21,15 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from .answer_arrow import ARROW_STREAM, encode_answers, wants_arrow
 from .backend import Query
-from .deps import CLIENT_CLOSED, ClientGone, Ready, State, check_answer_size, unless_disconnected
-from .limits import QueryError
+from .deps import (
+    CLIENT_CLOSED,
+    ClientGone,
+    Ready,
+    State,
+    check_answer_size,
+    checked,
+    unless_disconnected,
+)
 from .protocol import AnswerResponse, GenerateBody, ScoreBody, ScoreResponse
 from .runtime import Runtime
 from .settings import TeacherSettings
@@ -37,7 +44,7 @@ async def generate(body: GenerateBody, rt: Ready, state: State, request: Request
     tokenizer, chars = rt.backend.tokenizer, settings.max_prompt_chars
 
     def query() -> Query:
-        return _checked(
+        return checked(
             rt, lambda: body.to_query(tokenizer, settings.default_k, chars), body.field_name
         )
 
@@ -54,7 +61,7 @@ async def score(body: ScoreBody, rt: Ready, state: State, request: Request) -> R
 
     def queries() -> list[Query]:
         return [
-            _checked(
+            checked(
                 rt,
                 lambda pair=pair: pair.to_query(tokenizer, k, chars),
                 lambda part, i=i: body.field_name(i, part),
@@ -126,13 +133,3 @@ async def _answer(
         return shape([AnswerResponse.of(a, codec) for a in answers]).model_dump_json().encode()
 
     return Response(await asyncio.to_thread(encode), media_type="application/json")
-
-
-def _checked(rt: Runtime, make: Callable[[], Query], field_name: Callable[[str], str]) -> Query:
-    """The query ``make`` builds, within the teacher's limits; errors name the body's field."""
-    try:
-        query = make()
-        rt.service.limits.check(query)
-    except QueryError as e:
-        raise QueryError(field_name(e.field), e.message) from None
-    return query

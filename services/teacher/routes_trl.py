@@ -20,20 +20,14 @@ like every other non-probe path (gate.py).
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from .backend import Query
-from .deps import CLIENT_CLOSED, LOADING_RETRY_AFTER, ClientGone, Ready, State
-from .limits import QueryError
-from .protocol_openai import Wire
+from .deps import LOADING_RETRY_AFTER, Ready, State, checked
 from .protocol_trl import GenerateBody, SequenceLogprobsBody
-from .routes_openai import answer_queries, target_dataset
-from .runtime import Runtime
-from .settings import TeacherSettings
+from .routes_openai import respond_json
 
 router = APIRouter(tags=["trl"])
 
@@ -85,10 +79,15 @@ async def get_sequence_logprobs(
     body: SequenceLogprobsBody, rt: Ready, state: State, request: Request
 ) -> Response:
     """The older TRL server's scoring of whole sequences from their prompt lengths on."""
-    queries = await asyncio.to_thread(
-        _checked, rt, [body.query(i) for i in range(len(body.sequences))], body.field_name
-    )
-    return await _respond(rt, state.settings, request, queries, body.response)
+
+    def queries() -> list[Query | None]:
+        return [
+            checked(rt, lambda i=i: body.query(i), lambda part, i=i: body.field_name(i, part))
+            for i in range(len(body.sequences))
+        ]
+
+    made = await asyncio.to_thread(queries)
+    return await respond_json(rt, state.settings, request, made, body.response)
 
 
 @router.post("/generate/")
@@ -96,51 +95,15 @@ async def generate(body: GenerateBody, rt: Ready, state: State, request: Request
     """The older TRL server's generation, with the top ``logprobs`` per token."""
     tokenizer, chars = rt.backend.tokenizer, state.settings.max_prompt_chars
 
-    def queries() -> list[Query]:
-        made = []
-        for i in range(len(body.prompts)):
-            try:
-                made.append(body.query(i, tokenizer, chars))
-            except QueryError as e:
-                raise QueryError(body.field_name(i, e.field), e.message) from None
-        return _checked(rt, made, body.field_name)
+    def queries() -> list[Query | None]:
+        return [
+            checked(
+                rt,
+                lambda i=i: body.query(i, tokenizer, chars),
+                lambda part, i=i: body.field_name(i, part),
+            )
+            for i in range(len(body.prompts))
+        ]
 
-    return await _respond(
-        rt, state.settings, request, await asyncio.to_thread(queries), body.response
-    )
-
-
-def _checked(
-    rt: Runtime, queries: list[Query | None], field_name: Callable[[int, str], str]
-) -> list[Query | None]:
-    """``queries`` within the teacher's limits; errors name the body's field."""
-    for i, query in enumerate(queries):
-        if query is not None:
-            try:
-                rt.service.limits.check(query)
-            except QueryError as e:
-                raise QueryError(field_name(i, e.field), e.message) from None
-    return queries
-
-
-async def _respond(
-    rt: Runtime,
-    settings: TeacherSettings,
-    request: Request,
-    queries: list[Query | None],
-    shape: Callable[..., dict],
-) -> Response:
-    """Answer the queries (None: nothing to ask) and encode ``shape``'s answer off the loop."""
-    asked = [q for q in queries if q is not None]
-    dataset = target_dataset(request, settings.dropin_dataset)
-    try:
-        got = iter(await answer_queries(rt, request, asked, settings.max_response_entries, dataset))
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)
-    answers = [next(got) if q is not None else None for q in queries]
-    wire = Wire(settings.logprob_codec, settings.logprobs_mode, rt.backend.tokenizer)
-
-    def encode() -> bytes:
-        return json.dumps(shape(answers, wire)).encode()
-
-    return Response(await asyncio.to_thread(encode), media_type="application/json")
+    made = await asyncio.to_thread(queries)
+    return await respond_json(rt, state.settings, request, made, body.response)
