@@ -94,6 +94,19 @@ class DecodedBatch:
     def row_positions(self, i: int) -> slice:
         return slice(int(self.pos_offsets[i]), int(self.pos_offsets[i + 1]))
 
+    def row_completion_positions(self, i: int) -> slice:
+        """Where row ``i``'s completion tokens are scored in the flat per-position arrays
+        (the scored positions may start inside the prompt: ``logprob_start``). Raises
+        ValueError when scoring starts inside the completion."""
+        first = len(self.row_prompt(i)) - int(self.logprob_start[i])
+        if first < 0:
+            raise ValueError(
+                f"row {self.keys[i][:16]} is scored from token {self.logprob_start[i]}, inside "
+                "its completion"
+            )
+        start = self.row_positions(i).start + first
+        return slice(start, start + len(self.row_completion(i)))
+
 
 class ShardDataset:
     """A dataset directory opened for reading: its manifest and row-group layout."""

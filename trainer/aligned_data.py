@@ -237,8 +237,7 @@ class AlignedShardSource:
         examples, skipped = [], 0
         for i in range(len(batch)):
             prompt, completion = batch.row_prompt(i), batch.row_completion(i)
-            start = batch.row_positions(i).start + len(prompt) - int(batch.logprob_start[i])
-            scored = slice(start, start + len(completion))
+            scored = batch.row_completion_positions(i)
             example = self.retokenizer.example(
                 batch.keys[i],
                 prompt,

@@ -149,8 +149,7 @@ def report_dataset(
             if max_rows is not None and report.rows >= max_rows:
                 return report
             prompt, completion = batch.row_prompt(i), batch.row_completion(i)
-            start = batch.row_positions(i).start + len(prompt) - int(batch.logprob_start[i])
-            scored = slice(start, start + len(completion))
+            scored = batch.row_completion_positions(i)
             row = retok.completion(completion)
             digits = report.add(row, retok)
             if row is None or not len(row.chunks):

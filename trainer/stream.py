@@ -138,14 +138,12 @@ class ShardSource:
         examples = []
         for i in range(len(batch)):
             prompt, completion = batch.row_prompt(i), batch.row_completion(i)
-            first = len(prompt) - int(batch.logprob_start[i])
-            if first < 0:
+            try:
+                scored = batch.row_completion_positions(i)
+            except ValueError as e:
                 raise DatasetError(
-                    f"{self.dataset.root / unit.shard}: row {batch.keys[i][:16]} is scored from "
-                    f"token {batch.logprob_start[i]}, inside its completion; nothing to align"
-                )
-            start = batch.row_positions(i).start + first
-            scored = slice(start, start + len(completion))
+                    f"{self.dataset.root / unit.shard}: {e}; nothing to align"
+                ) from None
             examples.append(
                 Example(
                     batch.keys[i],
