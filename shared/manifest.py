@@ -136,6 +136,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def existing_manifest(root: str | os.PathLike, info: DatasetInfo) -> Manifest | None:
+    """The manifest of the dataset at ``root`` if there is one (None: no dataset yet, and
+    nothing is created), after checking that rows made as ``info`` say may join it."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root}: a file, not a dataset directory")
+    if find_manifest(root) is None:
+        return None
+    manifest = read_manifest(root)
+    mine, theirs = info.compatibility(), manifest.info.compatibility()
+    diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+    if diff:
+        detail = ", ".join(f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items())
+        hint = (
+            f"; `distill export {root} NEW_DIR` copies it into the current layout"
+            if "schema_version" in diff
+            else ""
+        )
+        raise DatasetError(f"{root}: dataset was made differently ({detail}){hint}")
+    return manifest
+
+
 @contextlib.contextmanager
 def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Manifest]:
     """Hold the dataset's lock, yield its manifest (new if none), write it back on success.
@@ -148,22 +170,7 @@ def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Mani
     with open(root / _LOCK, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            if find_manifest(root) is not None:
-                manifest = read_manifest(root)
-                mine, theirs = info.compatibility(), manifest.info.compatibility()
-                diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
-                if diff:
-                    detail = ", ".join(
-                        f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items()
-                    )
-                    hint = (
-                        f"; `distill export {root} NEW_DIR` copies it into the current layout"
-                        if "schema_version" in diff
-                        else ""
-                    )
-                    raise DatasetError(f"{root}: dataset was made differently ({detail}){hint}")
-            else:
-                manifest = Manifest(info=info)
+            manifest = existing_manifest(root, info) or Manifest(info=info)
             yield manifest
             write_manifest_atomic(root, manifest)
         finally:

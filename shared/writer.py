@@ -30,7 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import canonical_topk, encode_logprobs
-from .manifest import ShardEntry, fsync_dir, locked_manifest, quarantined_path
+from .manifest import (
+    ShardEntry,
+    existing_manifest,
+    fsync_dir,
+    locked_manifest,
+    quarantined_path,
+)
 from .record import SequenceRecord
 from .schema import AdaptiveK, DatasetInfo, parquet_options, shard_metadata
 
@@ -83,9 +89,11 @@ class ShardWriter:
         # each position's finite entries as they are instead of cutting again.
         self.cut = cut
         self.schema = info.schema().with_metadata(shard_metadata(info))
-        # Checks compatibility with an existing dataset before any work is done.
-        with locked_manifest(self.root, info) as manifest:
-            self._taken = {s.file for s in manifest.shards}
+        # Checks compatibility with an existing dataset before any work is done; creates
+        # nothing: a dataset appears with its first published shard, so a run that fails
+        # before it leaves nothing that would fix k or the teacher for the next.
+        existing = existing_manifest(self.root, info)
+        self._taken = {s.file for s in existing.shards} if existing else set()
         self._seq = 0
         self._buffer: list[SequenceRecord] = []
         self._buffer_tokens = 0
@@ -176,6 +184,7 @@ class ShardWriter:
         """Bring the temporary file up to date with ``_tables``; on failure drop the file."""
         try:
             if self._pq is None and self._tables:
+                self.root.mkdir(parents=True, exist_ok=True)
                 self._tmp = self.root / f".{self._name()}.tmp"
                 self._pq = pq.ParquetWriter(
                     self._tmp,

@@ -135,11 +135,7 @@ def cache(
         f"data root {out.parent} (its other datasets serve as cache; state in "
         f"{out.parent / '.distill'})"
     )
-    created = not out.exists()
-    try:
-        job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
-    finally:
-        _remove_if_empty(out, created)
+    job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
     p = job.progress
     for error in job.errors:
         console.print(f"[yellow]{input}:{error.line}:[/yellow] {error.message}")
@@ -180,23 +176,6 @@ def _check_existing_dataset(out: Path, settings: TeacherSettings, sampling: Samp
             f"--out {out}: this dataset was made with {', '.join(differs)}; "
             "use a new --out for other settings"
         )
-
-
-def _remove_if_empty(out: Path, created: bool) -> None:
-    """A dataset this command created and published nothing into is removed again, so a
-    failed first run leaves nothing that fixes k or the teacher for the next."""
-    import shutil
-
-    from distillcache.shared.manifest import DatasetError, read_manifest
-
-    if not created or not out.is_dir():
-        return
-    try:
-        empty = not read_manifest(out).shards
-    except DatasetError:
-        empty = not any(out.glob("*.parquet"))
-    if empty:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 cache.__doc__ = """Run the teacher over every row of INPUT into the dataset OUT, without HTTP.
