@@ -153,19 +153,24 @@ def rows_of(ids: np.ndarray, lps: np.ndarray) -> list[SequenceRecord]:
     return records
 
 
-def bench_distillcache(ids, lps, vocab, codec, workdir):
-    k = ids.shape[1]
-    info = DatasetInfo(
+def bench_info(vocab: int, k: int, **fields) -> DatasetInfo:
+    """The DatasetInfo of a bench dataset of SmolLM2's top-``k`` log-probs."""
+    return DatasetInfo(
         teacher_model="HuggingFaceTB/SmolLM2-135M-Instruct",
         tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct",
         tokenizer_hash="bench",
         vocab_size=vocab,
         logit_width=vocab,
         k=k,
-        logprob_codec=codec,
         backend="bench",
         backend_version="0",
+        **fields,
     )
+
+
+def bench_distillcache(ids, lps, vocab, codec, workdir):
+    k = ids.shape[1]
+    info = bench_info(vocab, k, logprob_codec=codec)
     records = rows_of(ids, lps)
     root = workdir / f"dc-{codec}-{k}"
     t0 = time.perf_counter()
@@ -341,17 +346,7 @@ def id_entropy_bound(ids: np.ndarray, vocab: int) -> float:
 def bench_adaptive(ids, lps, vocab, rule, workdir):
     """cbrt-u8 shards of a top-k capture with adaptive k: size, speed, kept, tail mass."""
     k = ids.shape[1]
-    info = DatasetInfo(
-        teacher_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct",
-        tokenizer_hash="bench",
-        vocab_size=vocab,
-        logit_width=vocab,
-        k=k,
-        adaptive=rule,
-        backend="bench",
-        backend_version="0",
-    )
+    info = bench_info(vocab, k, adaptive=rule)
     records = rows_of(ids, lps)
     root = workdir / "adaptive"
     t0 = time.perf_counter()
