@@ -140,8 +140,12 @@ def test_pending_rows_are_answered_from_memory_until_published(tmp_path):
         clock=lambda: now[0],
     )
     store.open_dataset("live", K, None)
+    assert store.pending_datasets() == {}
     store.put("live", [record(0), record(1)])
     assert store.index.fetch([record(0).key], ANY_CODEC) == {}
+    # Not on disk yet, but listed: its rows already answer lookups.
+    assert not (tmp_path / "live").exists()
+    assert store.pending_datasets() == {"live": store.identity.dataset_info(K, "cbrt-u8", None)}
     found = store.lookup([record(0).key, record(1).key])
     assert found[record(0).key].cached and found[record(0).key].dataset == "live"
     assert_same(found[record(0).key].record, record(0))

@@ -45,6 +45,7 @@ from distillcache.shared.record import SequenceRecord
 from distillcache.shared.repair import rebuild_manifest
 from distillcache.shared.schema import (
     READABLE_SCHEMA_VERSIONS,
+    DatasetInfo,
     LogprobCodec,
     Sampling,
     as_exact_codecs,
@@ -249,6 +250,13 @@ class TeacherStore:
     def pending_rows(self, name: str) -> int:
         ds = self._open.get(name)
         return len(ds.pending) if ds is not None else 0
+
+    def pending_datasets(self) -> dict[str, DatasetInfo]:
+        """Open datasets holding rows not yet published, with what they will record: a
+        dataset's directory appears only with its first shard, yet its rows are answers."""
+        with self._lock:
+            open_now = list(self._open.items())
+        return {n: ds.writer.info for n, ds in open_now if ds.pending}
 
     def flush(self, name: str | None = None) -> None:
         """Publish the pending rows of dataset ``name`` (default: of every open dataset)."""
