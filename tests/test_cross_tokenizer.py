@@ -333,7 +333,9 @@ def test_cross_tokenizer_kd_beats_sft_on_held_out_bits_per_byte_for_three_seeds(
 
     The teacher (fitted to the arithmetic task) samples its answers; KD and SFT students
     of each seed start from the same weights and take the same steps on the same rows.
-    Bits per byte of the held-out teacher text does not depend on the tokenizer."""
+    Bits per byte of the held-out teacher text does not depend on the tokenizer. The
+    numbers move a little between CPUs (the teacher samples its answers, and kernels
+    differ), so the criterion is paired by seed."""
     teacher_tok, student_tok = real_tokenizer("smollm2", CACHE), real_tokenizer("gpt2", CACHE)
     rows = list(synthetic_task_rows(400, seed=2))
     teacher = build_tiny_model(
@@ -372,9 +374,12 @@ def test_cross_tokenizer_kd_beats_sft_on_held_out_bits_per_byte_for_three_seeds(
             bpb[loss, seed] = [r for r in records if "eval/bpb" in r][-1]["eval/bpb"]
     kd = [bpb["forward_kl", s] for s in (0, 1, 2)]
     sft = [bpb["sft", s] for s in (0, 1, 2)]
-    spread = max(max(kd) - min(kd), max(sft) - min(sft))
-    margins = [b - a for a, b in zip(kd, sft, strict=True)]
-    assert min(margins) > spread, (kd, sft)
+    # Paired by seed (same initial weights, same rows), as the on-policy test: KD wins on
+    # every seed, by more than its margin varies across seeds. The students' absolute
+    # values move with the seed's initialisation (SFT 3.38-3.53 on one machine), which says
+    # nothing about the method.
+    margins = np.array([b - a for a, b in zip(kd, sft, strict=True)])
+    assert margins.min() > margins.max() - margins.min(), (kd, sft)
 
 
 def test_inspect_reports_the_alignment_with_a_student(smol_world, gpt2):

@@ -28,7 +28,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.inputs import render_prompt, user_turn
-from distillcache.shared.manifest import MANIFEST
 from distillcache.shared.reader import ShardDataset
 from distillcache.shared.tiny_models import synthetic_task_rows
 from distillcache.trainer.config import TrainConfig
@@ -160,14 +159,6 @@ def test_on_policy_beats_off_policy_on_the_students_own_samples(world, tmp_path,
     assert (gaps > 0).all() and gaps.min() > gaps.max() - gaps.min(), gaps
 
 
-def _published_rows(dataset: Path) -> int:
-    try:
-        manifest = json.loads((dataset / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return sum(shard["rows"] for shard in manifest["shards"])
-
-
 @contextmanager
 def _serve(world, data: Path, port: int, log: Path):
     """``distill serve`` over the world's teacher on a fixed port (a restart keeps the URL)."""
@@ -201,7 +192,9 @@ def test_teacher_killed_mid_run_then_restarted_finishes_with_no_sample_scored_tw
         killer_done = threading.Event()
 
         def kill_after_two_steps() -> None:
-            while _published_rows(data / "onpolicy-run") < 8 and process.poll() is None:
+            # The trainer's own published state: eight stored rows only say the second
+            # step was scored, not that its answer reached the trainer.
+            while not (out / "checkpoint-2").exists() and process.poll() is None:
                 time.sleep(0.02)
             process.send_signal(signal.SIGKILL)
             killer_done.set()
