@@ -57,7 +57,10 @@ def _bars(counts: np.ndarray, title: str) -> Table:
 
 def inspect(
     dataset: Annotated[
-        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+        str,
+        typer.Argument(
+            help="Dataset directory (holds .manifest.json and the shards) or s3://BUCKET/PREFIX."
+        ),
     ],
     student: Annotated[
         str | None,
@@ -133,7 +136,7 @@ def inspect(
 
 
 def _print_alignment(
-    console: Console, dataset: Path, student: str, teacher: str | None, max_rows: int | None
+    console: Console, dataset: str, student: str, teacher: str | None, max_rows: int | None
 ) -> None:
     # Imported here: the trainer needs torch and transformers, plain inspect does not.
     from distillcache.trainer.alignment_report import report_dataset
@@ -153,7 +156,10 @@ def _print_alignment(
 
 def verify(
     dataset: Annotated[
-        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+        str,
+        typer.Argument(
+            help="Dataset directory (holds .manifest.json and the shards) or s3://BUCKET/PREFIX."
+        ),
     ],
 ) -> None:
     """Check every shard's sha256, size, schema and row count against the manifest.
