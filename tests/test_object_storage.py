@@ -165,6 +165,7 @@ def run_writer(uri: str, writer_id: str, seed: int, n: int, body: str) -> subpro
     code = WRITER.format(tests=str(TESTS), body=textwrap.indent(textwrap.dedent(body), ""))
     return subprocess.Popen(
         [sys.executable, "-c", code, uri, writer_id, str(seed), str(n)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -173,13 +174,22 @@ def run_writer(uri: str, writer_id: str, seed: int, n: int, body: str) -> subpro
 
 def test_two_writer_processes_committing_at_once_keep_both_sets_of_shards(endpoint):
     uri = f"s3://{BUCKET}/two-writers/ds"
-    # One row per shard: every row is its own commit, 2 x 12 commits racing.
+    # One row per shard: every row is its own commit, 2 x 12 commits racing. Both start
+    # committing at once (each says it is ready, then waits for the word): without the
+    # conditional write, this loses a shard in most runs.
     body = """
+    print("ready", flush=True)
+    sys.stdin.readline()
     for i in range(n):
         writer.write(make_record(rng, f"{writer_id}-{i}", 8, 5, 6))
     writer.close()
     """
     procs = [run_writer(uri, w, s, 12, body) for w, s in (("alpha", 1), ("beta", 2))]
+    for proc in procs:
+        assert proc.stdout.readline() == "ready\n", proc.communicate()[1]
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
