@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -183,8 +182,8 @@ def verify(
 
 
 def export(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory to copy.")],
-    out: Annotated[Path, typer.Argument(help="New dataset directory to create.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset directory (or s3:// URI) to copy.")],
+    out: Annotated[str, typer.Argument(help="New dataset directory (or s3:// URI) to create.")],
     codec: Annotated[
         LogprobCodec, typer.Option(help="Log-prob codec of the copy; float32 gives plain floats.")
     ] = "float32",

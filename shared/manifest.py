@@ -16,7 +16,6 @@ manifest ``manifest.json``; ``find_manifest`` finds either, and they still read.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -85,6 +84,12 @@ def find_manifest(root: str | os.PathLike) -> Path | None:
     return None
 
 
+def is_dataset(root: str | os.PathLike | Storage) -> bool:
+    """Whether a manifest (either layout) is at ``root``, a directory or a URI."""
+    storage = open_storage(root)
+    return any(storage.exists(name) for name in (MANIFEST, LEGACY_MANIFEST))
+
+
 def read_manifest(root: str | os.PathLike | Storage) -> Manifest:
     """The manifest of the dataset at ``root`` (a directory or a URI)."""
     storage = open_storage(root)
@@ -125,7 +130,7 @@ def existing_manifest(root: str | os.PathLike | Storage, info: DatasetInfo) -> M
     nothing is created), after checking that rows made as ``info`` say may join it."""
     storage = open_storage(root)
     storage.check_dataset_place()
-    if not any(storage.exists(name) for name in (MANIFEST, LEGACY_MANIFEST)):
+    if not is_dataset(storage):
         return None
     manifest = read_manifest(storage)
     check_compatible(manifest, info, storage.location)
@@ -159,7 +164,8 @@ def update_manifest(
     """
     storage = open_storage(root)
     with storage.lock():
-        for conflicts in itertools.count():
+        conflicts = 0
+        while True:
             raw, version = storage.read_versioned(MANIFEST)
             if raw is None:
                 manifest = existing_manifest(storage, info) or Manifest(info=info)
@@ -173,13 +179,13 @@ def update_manifest(
                 storage.write_versioned(MANIFEST, data, version)
                 return manifest
             except VersionConflict:
-                if conflicts >= _MAX_CONFLICTS:
+                conflicts += 1
+                if conflicts > _MAX_CONFLICTS:
                     raise OSError(
-                        f"{storage.where(MANIFEST)}: lost {conflicts + 1} conditional writes"
-                        " in a row to other writers; try again"
+                        f"{storage.where(MANIFEST)}: lost {conflicts} conditional writes in a"
+                        " row to other writers; try again"
                     ) from None
                 backoff(conflicts)
-    raise AssertionError("unreachable")
 
 
 def quarantined_name(file: str) -> str:

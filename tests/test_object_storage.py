@@ -362,3 +362,18 @@ def test_training_from_s3_equals_training_from_the_local_copy_and_resumes_exactl
     train(config(uri, "resumed", stop_at_step=3))
     resumed = train(config(uri, "resumed", resume="auto"))
     assert max_weight_difference(from_local, resumed) <= 1e-6
+
+
+def test_export_from_and_to_s3(endpoint, tmp_path):
+    uri = f"s3://{BUCKET}/export/ds"
+    with ShardWriter(uri, make_info(codec="cbrt-u8"), writer_id="w") as writer:
+        writer.write_many(records(6, 5, "e"))
+    out = f"s3://{BUCKET}/export/float32"
+    result = CliRunner().invoke(app, ["export", uri, out, "--codec", "float32"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["export", uri, str(tmp_path / "local")])
+    assert result.exit_code == 0, result.output
+    assert rows(ShardDataset(out)) == rows(ShardDataset(tmp_path / "local"))
+    assert ShardDataset(out).info.precision == "cbrt-u8"
+    again = CliRunner().invoke(app, ["export", uri, out])
+    assert again.exit_code == 1 and f"{out}: already a dataset" in again.output
