@@ -377,3 +377,67 @@ def test_export_from_and_to_s3(endpoint, tmp_path):
     assert ShardDataset(out).info.precision == "cbrt-u8"
     again = CliRunner().invoke(app, ["export", uri, out])
     assert again.exit_code == 1 and f"{out}: already a dataset" in again.output
+
+
+def test_the_teacher_store_answers_from_a_remote_read_only_source(endpoint, tmp_path):
+    from test_service_index import ANY_CODEC, IDENTITY, K, assert_same, record, write_dataset
+
+    from distillcache.services.teacher.store import TeacherStore
+
+    uri = f"s3://{BUCKET}/source/ds"
+    write_dataset(uri, [record(i) for i in range(6)], per_shard=3)
+    before = open_storage(uri).read_bytes(MANIFEST)
+
+    def store() -> TeacherStore:
+        return TeacherStore(
+            tmp_path / "data",
+            IDENTITY,
+            codec="float32",
+            flush_rows=100,
+            flush_seconds=10.0,
+            row_group_tokens=1024,
+            sources=[uri],
+        )
+
+    teacher = store()
+    found = teacher.lookup([record(i).key for i in (0, 5, 7)])
+    assert sorted(found) == sorted(record(i).key for i in (0, 5))
+    assert found[record(5).key].dataset == uri
+    assert_same(found[record(5).key].record, record(5))
+    # New rows go to the data root, never to the source.
+    teacher.open_dataset("local", K, None)
+    teacher.put("local", [record(7)])
+    teacher.close()
+    assert open_storage(uri).read_bytes(MANIFEST) == before
+    assert (tmp_path / "data" / "local" / MANIFEST).is_file()
+
+    # A damaged shard of a source is not served and not quarantined (read-only).
+    name = read_manifest(uri).shards[1].file
+    storage = open_storage(uri)
+    data = bytearray(storage.read_bytes(name))
+    data[len(data) // 3] ^= 0xFF
+    with storage.fs.open_output_stream(f"{BUCKET}/source/ds/{name}") as f:
+        f.write(bytes(data))
+    teacher = store()
+    found = teacher.index.fetch([record(i).key for i in range(6)], ANY_CODEC)
+    assert sorted(found) == sorted(record(i).key for i in range(3))
+    assert open_storage(uri).read_bytes(MANIFEST) == before
+    teacher.close()
+
+
+def test_a_cache_source_that_does_not_open_stops_the_store_naming_it(endpoint, tmp_path):
+    from test_service_index import IDENTITY
+
+    from distillcache.services.teacher.store import TeacherStore
+
+    uri = f"s3://{BUCKET}/no-dataset-here"
+    with pytest.raises(DatasetError, match=f"{uri}/.manifest.json: no manifest"):
+        TeacherStore(
+            tmp_path,
+            IDENTITY,
+            codec="float32",
+            flush_rows=1,
+            flush_seconds=1.0,
+            row_group_tokens=1024,
+            sources=[uri],
+        )
