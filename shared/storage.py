@@ -8,10 +8,11 @@ directory and an object store are implemented twice, here:
 - **Placing a finished shard under its final name.** Locally: the shard was written to a
   hidden temporary name in the dataset directory, fsynced, and is renamed; the directory
   is fsynced before the manifest names it. On S3: the same temporary file is written in a
-  local spool directory and uploaded to its final key; an S3 PUT (and a multipart upload,
-  which pyarrow uses past its part size) is invisible until it completes, so no reader
-  ever sees a partial shard, and a writer killed mid-upload leaves nothing visible (an
-  incomplete multipart upload, which a bucket lifecycle rule removes).
+  local spool directory, uploaded to a hidden temporary key and copied on the server to
+  its final key (``S3Storage.place`` says why not straight there); an object is
+  invisible until its PUT, multipart upload or copy completes, so no reader ever sees a
+  partial shard, and a writer killed mid-upload leaves nothing under a final name (at
+  most an incomplete multipart upload, which a bucket lifecycle rule removes).
 - **Committing the manifest** (``read_versioned`` / ``write_versioned``), a
   read-modify-write that must not lose a concurrent writer's shards. Locally the writers
   hold ``flock`` on ``.manifest.lock`` while they do it (``manifest.update_manifest``).
@@ -341,9 +342,18 @@ class S3Storage(Storage):
         return spool
 
     def place(self, tmp: Path, name: str) -> None:
-        # One upload of the finished file: visible under ``name`` only once complete.
-        with open(tmp, "rb") as src, self.fs.open_output_stream(self._path(name)) as dst:
+        """Upload to a hidden temporary key, then copy it to ``name`` on the server.
+
+        Not straight to ``name``: a pyarrow S3 output stream has no abort, and closing it
+        (which a failed copy's ``with`` does) completes the upload with what was sent, so
+        a failure halfway would leave a truncated object under a final name. CopyObject
+        makes ``name`` appear whole or not at all; what a failure leaves is a hidden
+        ``.tmp`` object that no reader reads (``distill verify`` notes it).
+        """
+        upload = self._path(f".{name}.tmp")
+        with open(tmp, "rb") as src, self.fs.open_output_stream(upload) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
+        self.fs.move(upload, self._path(name))
         tmp.unlink()
 
     def sync(self) -> None:

@@ -214,7 +214,7 @@ def test_a_writer_killed_before_its_commit_leaves_nothing_visible(endpoint, mome
         from distillcache.shared import storage
 
         def place(self, tmp, name):
-            f = self.fs.open_output_stream(self._path(name))
+            f = self.fs.open_output_stream(self._path(f".{name}.tmp"))
             f.write(tmp.read_bytes()[:1000])
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -259,6 +259,38 @@ def test_a_writer_killed_before_its_commit_leaves_nothing_visible(endpoint, mome
         writer.write_many(records(4, 2, "next"))
     keys = [r["key"] for r in rows(ShardDataset(uri))]
     assert keys == ["kept", "next0", "next1"]
+    assert verify_dataset(uri)[0] == []
+
+
+def test_a_failed_upload_leaves_no_final_name_and_the_next_flush_stores_every_row(
+    endpoint, monkeypatch
+):
+    """The local file breaks halfway through the upload (the stream is closed, which
+    completes what was sent): nothing appears under a final name, the rows stay pending,
+    and the next flush stores each of them once under the same fresh name."""
+    import shutil
+
+    from distillcache.shared import storage as storage_module
+
+    uri = f"s3://{BUCKET}/failed-upload/ds"
+    real = shutil.copyfileobj
+
+    def half_then_fail(src, dst, length=0):
+        dst.write(src.read(1000))
+        raise OSError(5, "Input/output error")
+
+    writer = ShardWriter(uri, make_info(), writer_id="w")
+    writer.write_many(records(7, 4, "f"))
+    monkeypatch.setattr(storage_module.shutil, "copyfileobj", half_then_fail)
+    with pytest.raises(OSError, match="Input/output"):
+        writer.flush()
+    storage = open_storage(uri)
+    assert storage.names() == [".part-w-00000.parquet.tmp"]  # hidden, never read
+    assert writer.pending_rows == 4
+    monkeypatch.setattr(storage_module.shutil, "copyfileobj", real)
+    writer.close()
+    assert [s.file for s in read_manifest(uri).shards] == ["part-w-00000.parquet"]
+    assert sorted(r["key"] for r in rows(ShardDataset(uri))) == ["f0", "f1", "f2", "f3"]
     assert verify_dataset(uri)[0] == []
 
 
