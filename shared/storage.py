@@ -31,6 +31,7 @@ the region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -69,7 +70,7 @@ def is_uri(location: str | os.PathLike) -> bool:
     return isinstance(location, str) and "://" in location
 
 
-class Storage:
+class Storage(abc.ABC):
     """One dataset's files: ``where(name)`` for messages, and the operations on them."""
 
     location: str  # how the user named the dataset, for messages
@@ -77,17 +78,12 @@ class Storage:
     fs: pafs.FileSystem
     base: str  # the dataset's path inside ``fs``
 
+    @abc.abstractmethod
     def where(self, name: str) -> str:
         """A file of the dataset, as messages name it."""
-        raise NotImplementedError
 
     def _path(self, name: str) -> str:
         return f"{self.base}/{name}"
-
-    def file_size(self, name: str) -> int | None:
-        """Bytes of file ``name``, None if there is none."""
-        info = self.fs.get_file_info(self._path(name))
-        return info.size if info.type == pafs.FileType.File else None
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type != pafs.FileType.NotFound
@@ -132,22 +128,22 @@ class Storage:
 
     # What differs between a directory and an object store.
 
+    @abc.abstractmethod
     def check_dataset_place(self) -> None:
         """Raise DatasetError when the location cannot hold a dataset (a file is there)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def staging(self) -> Path:
         """The local directory a shard is written in before ``place`` (created)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def place(self, tmp: Path, name: str) -> None:
         """Make the complete, fsynced local file ``tmp`` the dataset's file ``name``,
         atomically (a reader sees all of it or nothing); ``tmp`` is gone afterwards."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sync(self) -> None:
         """Make every ``place`` so far durable before a manifest names the files."""
-        raise NotImplementedError
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Held around a read-modify-write of the manifest: serializes local writers
@@ -155,15 +151,15 @@ class Storage:
         conditional)."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def read_versioned(self, name: str) -> tuple[bytes | None, str | None]:
         """(content or None, a version that ``write_versioned`` checks)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_versioned(self, name: str, data: bytes, version: str | None) -> None:
         """Replace ``name`` atomically with ``data`` if it is still at ``version`` (None:
         if it still does not exist); raise VersionConflict if not. Locally the caller holds
         the dataset's lock, which is the check."""
-        raise NotImplementedError
 
 
 class LocalStorage(Storage):
