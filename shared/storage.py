@@ -243,8 +243,18 @@ class S3Config:
     @classmethod
     def from_env(cls) -> S3Config:
         env = os.environ
+        endpoint = None
+        for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            endpoint = env.get(variable)
+            if endpoint:
+                if urlsplit(endpoint).scheme not in ("http", "https"):
+                    raise DatasetError(
+                        f"{variable}={endpoint} is not a URL; give its scheme, e.g."
+                        f" http://{endpoint}"
+                    )
+                break
         return cls(
-            endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            endpoint=endpoint or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         )
 
@@ -259,10 +269,7 @@ def _clients(config: S3Config) -> tuple[pafs.S3FileSystem, object]:
     options: dict = {"region": config.region, "connect_timeout": 5, "request_timeout": 60}
     if config.endpoint:
         split = urlsplit(config.endpoint)
-        options |= {
-            "endpoint_override": split.netloc or split.path,
-            "scheme": split.scheme or "https",
-        }
+        options |= {"endpoint_override": split.netloc, "scheme": split.scheme}
     s3 = session.create_client(
         "s3",
         region_name=config.region,
