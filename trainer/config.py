@@ -34,8 +34,8 @@ class TrainConfig(BaseModel):
 
     # Data and models.
     data: str = Field(
-        description="Training data: a shard dataset directory (token-level KD, or SFT on its "
-        "completions with --loss sft), or a seed file (.jsonl, .jsonl.zst, .parquet) of "
+        description="Training data: a shard dataset directory or s3:// URI (token-level KD, "
+        "or SFT on its completions with --loss sft), or a seed file (.jsonl, .jsonl.zst, .parquet) of "
         "{question, teacher_solution} rows for SFT."
     )
     student: str = Field(description="Student model: a Hugging Face id or a local directory.")
