@@ -19,8 +19,9 @@ directory and an object store are implemented twice, here:
   On S3 the write is conditional: ``If-Match: <ETag read>`` (or ``If-None-Match: *``
   when there was no manifest); a writer that lost the race gets 412 and redoes its
   read-modify-write on the new manifest. pyarrow.fs has no conditional write (Arrow
-  issue 44281: its S3 output streams send plain PUTs), so that one request goes through
-  botocore; every other byte (shards, reads, listings) goes through ``pyarrow.fs``.
+  issue 44281: its S3 output streams send plain PUTs) and shows no ETag, so the commit's
+  two requests (the GET that reads the ETag, the conditional PUT) go through botocore;
+  every other byte (shards, readers' manifest reads, listings) goes through ``pyarrow.fs``.
 
 Configuration is the AWS SDKs' standard environment, read once into ``S3Config``:
 credentials by the SDKs' own chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
