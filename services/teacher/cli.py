@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from distillcache.flags import flag, given, options
 from distillcache.shared.schema import Sampling
 
-from .settings import TeacherSettings
+from .settings import ScaleOut, TeacherSettings
 
 ENV_PREFIX = "DISTILL_"
 # The settings `distill cache` takes as flags; the rest (host, port, queue...) are the
@@ -113,6 +113,7 @@ def cache(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--out") from None
     chosen = given(flags)
+    scale = _valid(ScaleOut, {n: v for n, v in chosen.items() if n in ScaleOut.model_fields})
     sampling = _valid(Sampling, {n: v for n, v in chosen.items() if n in Sampling.model_fields})
     settings = _valid(
         TeacherSettings,
@@ -135,19 +136,22 @@ def cache(
         f"data root {out.parent} (its other datasets serve as cache; state in "
         f"{out.parent / '.distill'})"
     )
-    job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
-    p = job.progress
-    for error in job.errors:
+    if scale.ray:
+        state, message, p, errors = _cache_on_ray(settings, input, out, sampling, scale, console)
+    else:
+        job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
+        state, message, p, errors = job.state, job.message, job.progress, job.errors
+    for error in errors:
         console.print(f"[yellow]{input}:{error.line}:[/yellow] {error.message}")
-    if p.rows_failed > len(job.errors):
-        console.print(f"... and {p.rows_failed - len(job.errors)} more row errors")
+    if p.rows_failed > len(errors):
+        console.print(f"... and {p.rows_failed - len(errors)} more row errors")
     console.print(
-        f"{job.state}: {p.rows_done} rows; {p.rows_teacher} by the teacher "
+        f"{state}: {p.rows_done} rows; {p.rows_teacher} by the teacher "
         f"({p.teacher_tokens} tokens), {p.rows_cached} from the cache ({p.cached_tokens} "
         f"tokens), {p.rows_present} already in {out}, {p.rows_failed} failed"
     )
-    if job.state != "done":
-        console.print(f"[red]error:[/red] {job.message}")
+    if state != "done":
+        console.print(f"[red]error:[/red] {message}")
         raise typer.Exit(1)
     if p.rows_failed > max_failures:
         console.print(
@@ -245,16 +249,53 @@ cache.__signature__ = inspect.Signature(
         ),
         *options(Sampling),
         *options(TeacherSettings, CACHE_SETTINGS, env_prefix=ENV_PREFIX),
+        *options(ScaleOut),
     ]
 )
+
+
+def _cache_on_ray(
+    settings: TeacherSettings,
+    input: Path,
+    out: Path,
+    sampling: Sampling,
+    scale: ScaleOut,
+    console: Any,
+) -> tuple[str, str | None, Any, list[Any]]:
+    """`distill cache --ray`: the capture planned here, answered by Ray workers
+    (scaleout.py), with the same progress bar and summary as the in-process job."""
+    try:
+        import ray  # noqa: F401 - checked before anything starts
+    except ImportError:
+        raise typer.BadParameter(
+            "Ray is not installed: pip install 'distillcache[ray]'", param_hint="--ray"
+        ) from None
+    from .jobs import JobProgress, JobSpec
+    from .scaleout import run_capture
+
+    spec = JobSpec(
+        input=str(input.resolve()), output=out.name, k=settings.default_k, **sampling.model_dump()
+    )
+    with _progress_bar(console) as show:
+        task = show.add_task(
+            f"caching {input.name} on {scale.workers} Ray workers", total=None, counts=""
+        )
+        try:
+            result = run_capture(settings, spec, scale, on_progress=lambda p: _show(show, task, p))
+        except RuntimeError as e:
+            return "failed", str(e), JobProgress(), []
+    if result.workers_restarted or result.workers_lost:
+        console.print(
+            f"{result.workers_restarted} workers restarted, {result.workers_lost} lost; "
+            f"{result.rows_recomputed} rows they had not published were computed again"
+        )
+    return "done", None, result.progress, result.errors
 
 
 async def _cache(
     settings: TeacherSettings, input: Path, output: str, sampling: Sampling, console: Any
 ) -> Any:
     """The job path of the service, in-process: the runtime, then ``execute_job``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .job_runner import execute_job
     from .jobs import JobSpec
     from .metrics import ServiceMetrics
@@ -275,32 +316,37 @@ async def _cache(
         # Rerunning the same command takes over its unfinished job, so its id stays.
         job = next((j for j in runtime.jobs.unfinished("cli") if j.spec == spec), None)
         job = job or runtime.jobs.create(spec, "cli")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[counts]}"),
-            console=console,
-        ) as bar:
+        with _progress_bar(console) as bar:
             task = bar.add_task(f"caching {input.name}", total=None, counts="")
-
-            def show(job: Any) -> None:
-                p = job.progress
-                bar.update(
-                    task,
-                    total=p.rows_total,
-                    completed=p.rows_done,
-                    counts=f"teacher {p.rows_teacher}  cache {p.rows_cached}  "
-                    f"present {p.rows_present}  errors {p.rows_failed}",
-                )
-
             return await execute_job(
                 runtime.service,
                 runtime.jobs,
                 job.id,
                 chunk_rows=settings.job_chunk_rows,
-                on_progress=show,
+                on_progress=lambda job: _show(bar, task, job.progress),
             )
     finally:
         await runtime.close()
+
+
+def _progress_bar(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[counts]}"),
+        console=console,
+    )
+
+
+def _show(bar: Any, task: Any, p: Any) -> None:
+    bar.update(
+        task,
+        total=p.rows_total,
+        completed=p.rows_done,
+        counts=f"teacher {p.rows_teacher}  cache {p.rows_cached}  "
+        f"present {p.rows_present}  errors {p.rows_failed}",
+    )
