@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -96,6 +97,8 @@ class CaptureResult:
     workers_lost: int = 0
     rows_recomputed: int = 0
     passes: int = 0
+    # Seconds until every worker had loaded its teacher (of the whole run's).
+    startup_seconds: float = 0.0
 
 
 class CaptureWorker:
@@ -181,9 +184,11 @@ def run_capture(
         max_restarts=WORKER_RESTARTS,
         max_task_retries=WORKER_RESTARTS,
     )
+    start = time.monotonic()
     workers = [actor.remote(settings, spec, scale.worker_cpus) for _ in range(scale.workers)]
     try:
         contexts = _get(ray, [w.plan_context.remote() for w in workers])
+        startup = time.monotonic() - start
         differ = {c.identity for c in contexts}
         if len(differ) > 1:
             raise ValueError(
@@ -199,6 +204,7 @@ def run_capture(
         result = planner.run(settings.data_root / spec.output, settings.job_chunk_rows)
         alive = sorted(planner.alive)
         now = _get(ray, [workers[i].pid.remote() for i in alive])
+        result.startup_seconds = startup
         result.workers_restarted = sum(pids[i] != pid for i, pid in zip(alive, now, strict=True))
         _get(ray, [w.close.remote() for w in workers])
         return result

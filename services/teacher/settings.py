@@ -6,6 +6,9 @@ directly and the Docker image sets the same fields through the environment
 (``DISTILL_BACKEND``, ``DISTILL_MODEL``, ``DISTILL_DATA_ROOT``, ``DISTILL_HOST``,
 ``DISTILL_PORT``, ``DISTILL_MAX_K``, ``DISTILL_AUTH_TOKEN``, ``DISTILL_QUEUE_SIZE``, ...).
 Flags win over the environment, which wins over the defaults.
+
+``ScaleOut`` holds `distill cache`'s choice of where to run (in-process, or on Ray
+workers: scaleout.py); it is not a service setting, so it has no environment variables.
 """
 
 from __future__ import annotations
