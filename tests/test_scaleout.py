@@ -32,7 +32,7 @@ from distillcache.shared.reader import ShardDataset, verify_dataset
 
 ray = pytest.importorskip("ray")
 
-ROWS = 240
+ROWS = 160
 MAX_TOKENS = 6
 CHUNK = 16
 
@@ -237,25 +237,30 @@ def test_two_captures_into_one_dataset_at_once_both_land(cluster, teacher_model,
     assert faults == []
 
 
-def test_cli_rerun_on_the_cluster_computes_only_the_missing_rows(
+def test_cli_rerun_on_the_cluster_computes_only_the_missing_rows_and_reports_bad_ones(
     cluster, teacher_model, rows, reference, tmp_path
 ):
     out = tmp_path / "data" / "ds"
     part = write_rows(tmp_path / "part.jsonl", range(0, ROWS, 2))
     capture(teacher_model, part, out, workers=1)
+    # The whole file again, with two rows no teacher can take after it.
+    full = tmp_path / "full.jsonl"
+    full.write_text(rows.read_text() + '{"prompt": ""}\nnot json\n')
 
     command = [
         sys.executable,
         "-m",
         "distillcache",
         "cache",
-        str(rows),
+        str(full),
         "--teacher",
         str(teacher_model),
         "--out",
         str(out),
         "--max-tokens",
         str(MAX_TOKENS),
+        "--max-failures",
+        "2",
         "--ray",
         "--ray-address",
         cluster,
@@ -264,7 +269,9 @@ def test_cli_rerun_on_the_cluster_computes_only_the_missing_rows(
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    summary = done.stderr.strip().splitlines()[-1]
-    assert summary.startswith(f"done: {ROWS} rows; {ROWS // 2} by the teacher")
-    assert f"{ROWS // 2} already in {out}" in summary
+    lines = done.stderr.strip().splitlines()
+    assert any(line.startswith(f"{full}:{ROWS + 1}:") for line in lines), lines
+    assert any(line.startswith(f"{full}:{ROWS + 2}:") for line in lines), lines
+    assert lines[-1].startswith(f"done: {ROWS + 2} rows; {ROWS // 2} by the teacher")
+    assert lines[-1].endswith(f"{ROWS // 2} already in {out}, 2 failed")
     assert_each_row_once(out, set(records(reference)))

@@ -118,13 +118,22 @@ class CaptureWorker:
         async def start() -> Any:
             return await build_runtime(settings, await open_backend(settings), ServiceMetrics())
 
-        self._runtime = self._loop.run_until_complete(start())
-        self._runtime.store.open_dataset(spec.output, spec.k, spec.as_sampling())
+        # A worker that cannot start (a teacher that does not load, a dataset made by
+        # another teacher) says why on its first call: Ray reports an error raised here
+        # only as text inside its own ActorDiedError, and the user needs the one line.
+        self._failure: Exception | None = None
+        try:
+            self._runtime = self._loop.run_until_complete(start())
+            self._runtime.store.open_dataset(spec.output, spec.k, spec.as_sampling())
+        except Exception as e:  # noqa: BLE001 - raised again by plan_context
+            self._failure = e
 
     def pid(self) -> int:
         return os.getpid()
 
     def plan_context(self) -> PlanContext:
+        if self._failure is not None:
+            raise self._failure
         service = self._runtime.service
         return PlanContext(self._runtime.store.identity, service.limits, service.backend.tokenizer)
 
