@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -57,7 +56,10 @@ def _bars(counts: np.ndarray, title: str) -> Table:
 
 def inspect(
     dataset: Annotated[
-        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+        str,
+        typer.Argument(
+            help="Dataset directory (holds .manifest.json and the shards) or s3://BUCKET/PREFIX."
+        ),
     ],
     student: Annotated[
         str | None,
@@ -133,7 +135,7 @@ def inspect(
 
 
 def _print_alignment(
-    console: Console, dataset: Path, student: str, teacher: str | None, max_rows: int | None
+    console: Console, dataset: str, student: str, teacher: str | None, max_rows: int | None
 ) -> None:
     # Imported here: the trainer needs torch and transformers, plain inspect does not.
     from distillcache.trainer.alignment_report import report_dataset
@@ -153,7 +155,10 @@ def _print_alignment(
 
 def verify(
     dataset: Annotated[
-        Path, typer.Argument(help="Dataset directory (holds .manifest.json and the shards).")
+        str,
+        typer.Argument(
+            help="Dataset directory (holds .manifest.json and the shards) or s3://BUCKET/PREFIX."
+        ),
     ],
 ) -> None:
     """Check every shard's sha256, size, schema and row count against the manifest.
@@ -177,8 +182,8 @@ def verify(
 
 
 def export(
-    dataset: Annotated[Path, typer.Argument(help="Dataset directory to copy.")],
-    out: Annotated[Path, typer.Argument(help="New dataset directory to create.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset directory (or s3:// URI) to copy.")],
+    out: Annotated[str, typer.Argument(help="New dataset directory (or s3:// URI) to create.")],
     codec: Annotated[
         LogprobCodec, typer.Option(help="Log-prob codec of the copy; float32 gives plain floats.")
     ] = "float32",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import DatasetError, Manifest, find_manifest, read_manifest
+from .manifest import DatasetError, Manifest, is_dataset, read_manifest
 from .reader import ShardDataset
 from .schema import CODEC_EXACTNESS, SCHEMA_VERSION, LogprobCodec
 from .writer import ShardWriter
@@ -27,8 +27,8 @@ def least_exact(*codecs: LogprobCodec) -> LogprobCodec:
 def export_dataset(src: str | Path, dst: str | Path, codec: LogprobCodec) -> Manifest:
     """Write every row of dataset ``src`` into the new dataset ``dst`` with ``codec``."""
     source = ShardDataset(src)
-    if find_manifest(dst) is not None:
-        raise DatasetError(f"{dst}: already a dataset; export into a new directory")
+    if is_dataset(dst):
+        raise DatasetError(f"{dst}: already a dataset; export into a new directory or prefix")
     bound = least_exact(source.info.exact_as, codec)
     info = source.info.model_copy(
         update={

@@ -2,8 +2,11 @@
 
 The manifest is the only source of truth for which shards exist: a shard file that is on
 disk but not in the manifest (a writer died between rename and manifest update) is never
-read. Several writers (teacher replicas) may share one dataset directory; they serialize
-their read-modify-write of the manifest with an advisory lock on ``.manifest.lock``.
+read. Several writers (teacher replicas, capture workers) may share one dataset; every
+change is a read-modify-write (``update_manifest``) that never loses a concurrent
+writer's change: in a local directory the writers serialize it with an advisory lock on
+``.manifest.lock``; on object storage the write is conditional on the version read and
+redone on a conflict (``shared/storage.py`` says how and why).
 
 Both names start with a dot so that a dataset directory opens as it is in every Parquet
 reader: Arrow's discovery (pandas) skips names starting with ``.`` or ``_``, Hugging Face
@@ -13,24 +16,25 @@ manifest ``manifest.json``; ``find_manifest`` finds either, and they still read.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from .schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, DatasetInfo
+from .storage import DatasetError, LocalStorage, Storage, VersionConflict, backoff, open_storage
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # schema version 1
-_LOCK = ".manifest.lock"
+# Conditional writes one writer may lose in a row before it gives up (each loss means
+# another writer committed, so the dataset is making progress).
+_MAX_CONFLICTS = 50
 
 
 class ShardEntry(BaseModel):
@@ -68,10 +72,6 @@ class Manifest(BaseModel):
         return sum(s.bytes for s in self.shards)
 
 
-class DatasetError(Exception):
-    """A dataset is missing, malformed, or a shard in it is damaged; the message names it."""
-
-
 def find_manifest(root: str | os.PathLike) -> Path | None:
     """The manifest file of dataset directory ``root`` (either layout), None if it has none.
 
@@ -84,103 +84,119 @@ def find_manifest(root: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_manifest(root: str | os.PathLike) -> Manifest:
-    path = find_manifest(root)
-    if path is None:
-        raise DatasetError(
-            f"{Path(root) / MANIFEST}: no manifest; is {root} a distillcache dataset?"
-        )
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no manifest; is {root} a distillcache dataset?") from None
+def is_dataset(root: str | os.PathLike | Storage) -> bool:
+    """Whether a manifest (either layout) is at ``root``, a directory or a URI."""
+    storage = open_storage(root)
+    return any(storage.exists(name) for name in (MANIFEST, LEGACY_MANIFEST))
+
+
+def read_manifest(root: str | os.PathLike | Storage) -> Manifest:
+    """The manifest of the dataset at ``root`` (a directory or a URI)."""
+    storage = open_storage(root)
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        raw = storage.read_bytes(name)
+        if raw is not None:
+            return parse_manifest(raw, storage.where(name))
+    raise DatasetError(
+        f"{storage.where(MANIFEST)}: no manifest; is {storage.location} a distillcache dataset?"
+    )
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{where}: not valid JSON ({e})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version not in READABLE_SCHEMA_VERSIONS:
         raise DatasetError(
-            f"{path}: schema version {version!r}; this distillcache reads versions"
+            f"{where}: schema version {version!r}; this distillcache reads versions"
             f" {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
         )
     try:
         return Manifest.model_validate(data)
     except ValueError as e:
-        raise DatasetError(f"{path}: {e}") from None
+        raise DatasetError(f"{where}: {e}") from None
 
 
 def write_manifest_atomic(root: str | os.PathLike, manifest: Manifest) -> None:
-    """Write to a temporary file, fsync it, rename over the manifest, fsync the directory."""
-    root = Path(root)
+    """Replace a local dataset's manifest, unconditionally (a repair)."""
     manifest.updated = time.time()
-    tmp = root / f"{MANIFEST}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(manifest.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / MANIFEST)
-    except OSError:
-        # The old manifest stands; a half-written temporary must not take disk or confuse.
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(root)
+    LocalStorage(root).write_versioned(MANIFEST, manifest.model_dump_json(indent=1).encode(), None)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def existing_manifest(root: str | os.PathLike, info: DatasetInfo) -> Manifest | None:
+def existing_manifest(root: str | os.PathLike | Storage, info: DatasetInfo) -> Manifest | None:
     """The manifest of the dataset at ``root`` if there is one (None: no dataset yet, and
     nothing is created), after checking that rows made as ``info`` say may join it."""
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"{root}: a file, not a dataset directory")
-    if find_manifest(root) is None:
+    storage = open_storage(root)
+    storage.check_dataset_place()
+    if not is_dataset(storage):
         return None
-    manifest = read_manifest(root)
+    manifest = read_manifest(storage)
+    check_compatible(manifest, info, storage.location)
+    return manifest
+
+
+def check_compatible(manifest: Manifest, info: DatasetInfo, location: str) -> None:
+    """Refuse rows made as ``info`` in a dataset whose info disagrees on anything a reader
+    needs to mix rows (teacher, tokenizer, k, codec)."""
     mine, theirs = info.compatibility(), manifest.info.compatibility()
     diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
     if diff:
         detail = ", ".join(f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diff.items())
         hint = (
-            f"; `distill export {root} NEW_DIR` copies it into the current layout"
+            f"; `distill export {location} NEW_DIR` copies it into the current layout"
             if "schema_version" in diff
             else ""
         )
-        raise DatasetError(f"{root}: dataset was made differently ({detail}){hint}")
-    return manifest
+        raise DatasetError(f"{location}: dataset was made differently ({detail}){hint}")
 
 
-@contextlib.contextmanager
-def locked_manifest(root: str | os.PathLike, info: DatasetInfo) -> Iterator[Manifest]:
-    """Hold the dataset's lock, yield its manifest (new if none), write it back on success.
+def update_manifest(
+    root: str | os.PathLike | Storage, info: DatasetInfo, change: Callable[[Manifest], None]
+) -> Manifest:
+    """Apply ``change`` to the dataset's manifest (a new one if none) and commit it.
 
-    Refuses a dataset whose existing info disagrees with ``info`` on anything a reader
-    needs to mix rows (teacher, tokenizer, k, codec).
+    ``change`` sees the latest committed manifest and may be called more than once: on
+    object storage a commit whose conditional write lost to another writer's is redone on
+    the manifest that writer committed, so neither loses its shards. Refuses a dataset
+    whose existing info disagrees with ``info``.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / _LOCK, "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            manifest = existing_manifest(root, info) or Manifest(info=info)
-            yield manifest
-            write_manifest_atomic(root, manifest)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    storage = open_storage(root)
+    with storage.lock():
+        conflicts = 0
+        while True:
+            raw, version = storage.read_versioned(MANIFEST)
+            if raw is None:
+                manifest = existing_manifest(storage, info) or Manifest(info=info)
+            else:
+                manifest = parse_manifest(raw, storage.where(MANIFEST))
+                check_compatible(manifest, info, storage.location)
+            change(manifest)
+            manifest.updated = time.time()
+            data = manifest.model_dump_json(indent=1).encode()
+            try:
+                storage.write_versioned(MANIFEST, data, version)
+                return manifest
+            except VersionConflict:
+                conflicts += 1
+                if conflicts > _MAX_CONFLICTS:
+                    raise OSError(
+                        f"{storage.where(MANIFEST)}: lost {conflicts} conditional writes in a"
+                        " row to other writers; try again"
+                    ) from None
+                backoff(conflicts)
+
+
+def quarantined_name(file: str) -> str:
+    """Where a damaged shard is kept once dropped from the manifest: a hidden name, so no
+    reader (ours or Arrow's dataset discovery) reads it and no writer reuses its name."""
+    return f".{file}.damaged"
 
 
 def quarantined_path(root: str | os.PathLike, file: str) -> Path:
-    """Where a damaged shard is kept once dropped from the manifest: a hidden name, so no
-    reader (ours or Arrow's dataset discovery) reads it and no writer reuses its name."""
-    return Path(root) / f".{file}.damaged"
+    """``quarantined_name`` in a local dataset directory."""
+    return Path(root) / quarantined_name(file)
 
 
 def quarantine_shard(root: str | os.PathLike, file: str, reason: str) -> bool:
@@ -190,20 +206,23 @@ def quarantine_shard(root: str | os.PathLike, file: str, reason: str) -> bool:
     them, into this dataset as into any other, and a resumed job writes them again.
     Returns False when the manifest no longer lists the shard (someone else did it).
     """
-    root = Path(root)
-    info = read_manifest(root).info
-    with locked_manifest(root, info) as manifest:
-        listed = [s for s in manifest.shards if s.file == file]
-        if not listed:
-            return False
+    storage = open_storage(root)
+    found = []
+
+    def drop(manifest: Manifest) -> None:
+        found[:] = [s for s in manifest.shards if s.file == file]
         manifest.shards = [s for s in manifest.shards if s.file != file]
-    # Renamed only once the manifest no longer lists it: a reader never meets a listed
+
+    update_manifest(storage, read_manifest(storage).info, drop)
+    if not found:
+        return False
+    # Moved only once the manifest no longer lists it: a reader never meets a listed
     # shard that is missing.
-    (root / file).rename(quarantined_path(root, file))
+    storage.move(file, quarantined_name(file))
     log.error(
         "%s: damaged (%s); dropped from the manifest, kept as %s",
-        root / file,
+        storage.where(file),
         reason,
-        quarantined_path(root, file).name,
+        quarantined_name(file),
     )
     return True

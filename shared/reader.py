@@ -15,6 +15,10 @@ altered on disk. An altered shard is never read as if it were sound:
   manifest before their first use by this ``ShardDataset`` (and again if the file changes).
 
 ``verify=True`` (and ``distill verify``) checks the sha256 of every shard it opens.
+
+A dataset on object storage (``s3://...``, ``shared/storage.py``) reads the same way:
+Parquet fetches a shard's footer, then each row group asked for by ranged reads (its
+column chunks coalesced into few requests), so nothing is downloaded whole.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from .schema import (
     TOPK_LOGPROBS,
     DatasetInfo,
 )
-from .writer import file_sha256
+from .storage import Storage, open_storage
 
 
 @dataclass(frozen=True)
@@ -109,16 +113,23 @@ class DecodedBatch:
 
 
 class ShardDataset:
-    """A dataset directory opened for reading: its manifest and row-group layout."""
+    """A dataset (a directory or an ``s3://`` URI) opened for reading: its manifest and
+    row-group layout."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.manifest: Manifest = read_manifest(self.root)
+    def __init__(self, root: str | Path | Storage) -> None:
+        self.storage = open_storage(root)
+        # How the user named it, for messages.
+        self.root = self.storage.location
+        self.manifest: Manifest = read_manifest(self.storage)
         self.info: DatasetInfo = self.manifest.info
         self._entries = {s.file: s for s in self.manifest.shards}
         self._schema = self.info.schema()
         # Shards without page checksums whose sha256 matched, by their file's stat.
-        self._hashed: dict[str, tuple[int, int, int]] = {}
+        self._hashed: dict[str, tuple[int, ...]] = {}
+
+    def where(self, name: str) -> str:
+        """A file of the dataset, as messages name it."""
+        return self.storage.where(name)
 
     @property
     def shards(self) -> list[ShardEntry]:
@@ -127,27 +138,32 @@ class ShardDataset:
     def open_shard(self, name: str, *, verify: bool = False) -> pq.ParquetFile:
         entry = self._entries.get(name)
         if entry is None:
-            raise DatasetError(f"{self.root / name}: not listed in the manifest of {self.root}")
-        path = self.root / name
+            raise DatasetError(f"{self.where(name)}: not listed in the manifest of {self.root}")
+        path = self.where(name)
         try:
-            st = path.stat()
+            stamp = self.storage.stamp(name)
         except FileNotFoundError:
             raise DatasetError(f"{path}: shard listed in the manifest is missing") from None
-        if st.st_size != entry.bytes:
+        if stamp[0] != entry.bytes:
             raise DatasetError(
-                f"{path}: {st.st_size} bytes on disk, manifest says {entry.bytes}"
+                f"{path}: {stamp[0]} bytes stored, manifest says {entry.bytes}"
                 " (truncated or replaced)"
             )
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
         if verify or (not entry.page_checksums and self._hashed.get(name) != stamp):
-            if file_sha256(path) != entry.sha256:
+            if self.storage.sha256(name) != entry.sha256:
                 raise DatasetError(
                     f"{path}: sha256 differs from the manifest (shard was altered on disk);"
                     " run `distill verify` on the dataset and recompute the shard's rows"
                 )
             self._hashed[name] = stamp
         try:
-            pf = pq.ParquetFile(path, page_checksum_verification=entry.page_checksums)
+            pf = pq.ParquetFile(
+                self.storage.open_input(name),
+                page_checksum_verification=entry.page_checksums,
+                # Remote reads pay a round trip per request: fetch a row group's column
+                # chunks in a few coalesced reads instead of one per column.
+                pre_buffer=self.storage.remote,
+            )
             schema = pf.schema_arrow
         except (pa.ArrowException, OSError) as e:
             raise DatasetError(f"{path}: cannot open as Parquet ({e})") from None
@@ -186,7 +202,7 @@ class ShardDataset:
         except (pa.ArrowException, OSError) as e:
             why = "altered on disk: a page checksum failed" if "CRC" in str(e) else "unreadable"
             raise DatasetError(
-                f"{self.root / ref.shard}: row group {ref.index} {why} ({e});"
+                f"{self.where(ref.shard)}: row group {ref.index} {why} ({e});"
                 " run `distill verify` on the dataset"
             ) from None
 
@@ -286,14 +302,13 @@ def verify_dataset(root: str | Path) -> tuple[list[str], list[str]]:
     schema or row count that differs from the manifest. Notes: files the manifest does
     not list (left by a writer that died before publishing; never read).
     """
-    root = Path(root)
     try:
         ds = ShardDataset(root)
     except DatasetError as e:
         return [str(e)], []
     faults: list[str] = []
     for entry in ds.manifest.shards:
-        path = root / entry.file
+        path = ds.where(entry.file)
         try:
             pf = ds.open_shard(entry.file, verify=True)
             if pf.metadata.num_rows != entry.rows:
@@ -305,11 +320,16 @@ def verify_dataset(root: str | Path) -> tuple[list[str], list[str]]:
         except (pa.ArrowException, OSError, ValueError) as e:
             faults.append(f"{path}: unreadable ({e})")
     listed = {s.file for s in ds.manifest.shards}
+    names = ds.storage.names()
     notes = [
-        f"{p}: not listed in the manifest (an unpublished write; never read)"
-        for p in sorted(root.glob("*.parquet"))
-        if p.name not in listed
-    ] + [f"{p}: temporary file of an interrupted write" for p in sorted(root.glob(".*.tmp"))]
+        f"{ds.where(n)}: not listed in the manifest (an unpublished write; never read)"
+        for n in names
+        if n.endswith(".parquet") and not n.startswith(".") and n not in listed
+    ] + [
+        f"{ds.where(n)}: temporary file of an interrupted write"
+        for n in names
+        if n.startswith(".") and n.endswith(".tmp")
+    ]
     return faults, notes
 
 

@@ -1,9 +1,12 @@
 """ShardWriter: records in, crash-safe zstd Parquet shards and a manifest out.
 
-A shard is written under a hidden temporary name, fsynced, renamed to its final name, the
-directory fsynced, and only then listed in the manifest (itself replaced atomically). A
-reader, which reads only what the manifest lists, therefore never sees a half-written
-shard, whatever moment the writer dies at.
+A shard is written under a hidden temporary name, fsynced, placed under its final name
+(renamed, and the directory fsynced; on object storage uploaded, which is invisible until
+complete), and only then listed in the manifest (itself replaced atomically, or committed
+by a conditional write: ``shared/storage.py``). A reader, which reads only what the
+manifest lists, therefore never sees a half-written shard, whatever moment the writer
+dies at. The same code writes local and remote datasets; ``Storage`` does the few steps
+that differ.
 
 A failed write (disk full, an I/O error) at any of those steps loses nothing and never
 lies: the encoded rows of the shard in progress stay in memory until a manifest lists
@@ -30,15 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import canonical_topk, encode_logprobs
-from .manifest import (
-    ShardEntry,
-    existing_manifest,
-    fsync_dir,
-    locked_manifest,
-    quarantined_path,
-)
+from .manifest import Manifest, ShardEntry, existing_manifest, quarantined_name, update_manifest
 from .record import SequenceRecord
 from .schema import AdaptiveK, DatasetInfo, parquet_options, shard_metadata
+from .storage import Storage, open_storage
 
 
 def default_writer_id() -> str:
@@ -55,7 +53,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 class ShardWriter:
-    """Appends records to a dataset directory, rotating shards by rows or bytes.
+    """Appends records to a dataset (a directory or an ``s3://`` URI), rotating shards by rows or bytes.
 
     Rows are buffered into row groups of about ``row_group_tokens`` scored positions (the
     unit the trainer streams, so it bounds reader memory). A shard is closed and published
@@ -68,7 +66,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike | Storage,
         info: DatasetInfo,
         *,
         writer_id: str | None = None,
@@ -78,7 +76,7 @@ class ShardWriter:
         compression_level: int = 3,
         cut: bool = True,
     ) -> None:
-        self.root = Path(root)
+        self.storage = open_storage(root)
         self.info = info
         self.writer_id = writer_id or default_writer_id()
         self.max_shard_rows = max_shard_rows
@@ -92,7 +90,7 @@ class ShardWriter:
         # Checks compatibility with an existing dataset before any work is done; creates
         # nothing: a dataset appears with its first published shard, so a run that fails
         # before it leaves nothing that would fix k or the teacher for the next.
-        existing = existing_manifest(self.root, info)
+        existing = existing_manifest(self.storage, info)
         self._taken = {s.file for s in existing.shards} if existing else set()
         self._seq = 0
         self._buffer: list[SequenceRecord] = []
@@ -184,8 +182,7 @@ class ShardWriter:
         """Bring the temporary file up to date with ``_tables``; on failure drop the file."""
         try:
             if self._pq is None and self._tables:
-                self.root.mkdir(parents=True, exist_ok=True)
-                self._tmp = self.root / f".{self._name()}.tmp"
+                self._tmp = self.storage.staging() / f".{self._name()}.tmp"
                 self._pq = pq.ParquetWriter(
                     self._tmp,
                     self.schema,
@@ -207,25 +204,28 @@ class ShardWriter:
             self._finish_shard()
         if not self._unlisted:
             return None
-        fsync_dir(self.root)
-        with locked_manifest(self.root, self.info) as manifest:
+        self.storage.sync()
+
+        def add(manifest: Manifest) -> None:
             listed = {s.file for s in manifest.shards}
             # A manifest update that failed after its rename may already list some.
             manifest.shards.extend(e for e in self._unlisted if e.file not in listed)
+
+        update_manifest(self.storage, self.info, add)
         self.published += self._unlisted
         self._unlisted = []
         return self.published[-1]
 
     def _finish_shard(self) -> None:
-        """Close, fsync and rename the shard in progress; it becomes unlisted, not pending."""
+        """Close, fsync and place the shard in progress; it becomes unlisted, not pending."""
         self._write_tables()
         try:
             self._pq.close()
             with open(self._tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            final = self.root / self._name()
+            final = self._name()
             entry = ShardEntry(
-                file=final.name,
+                file=final,
                 rows=self._shard_rows,
                 tokens=self._shard_tokens,
                 bytes=self._tmp.stat().st_size,
@@ -234,11 +234,11 @@ class ShardWriter:
                 created=time.time(),
                 page_checksums=True,
             )
-            os.replace(self._tmp, final)
+            self.storage.place(self._tmp, final)
         except OSError:
             self._discard_file()
             raise
-        self._taken.add(final.name)
+        self._taken.add(final)
         self._pq, self._tmp, self._in_file = None, None, 0
         self._tables.clear()
         self._shard_rows = 0
@@ -256,14 +256,14 @@ class ShardWriter:
         self._pq, self._tmp, self._in_file = None, None, 0
 
     def _name(self) -> str:
-        """The next final name no shard has had: not listed, not on disk (quarantined
+        """The next final name no shard has had: not listed, not stored (quarantined
         included), not used here."""
         while True:
             name = f"part-{self.writer_id}-{self._seq:05d}.parquet"
             if (
                 name not in self._taken
-                and not (self.root / name).exists()
-                and not quarantined_path(self.root, name).exists()
+                and not self.storage.exists(name)
+                and not self.storage.exists(quarantined_name(name))
             ):
                 return name
             self._seq += 1

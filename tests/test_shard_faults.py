@@ -25,6 +25,7 @@ from service_support import fill_disk
 from test_shards import assert_row_matches, make_info, make_record
 
 from distillcache.shared import manifest as manifest_module
+from distillcache.shared import storage as storage_module
 from distillcache.shared.manifest import MANIFEST, read_manifest
 from distillcache.shared.reader import ShardDataset, verify_dataset
 from distillcache.shared.writer import ShardWriter
@@ -117,7 +118,8 @@ def _install(monkeypatch, fault: DiskFull) -> None:
     monkeypatch.setattr(pq.ParquetWriter, "close", close)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(manifest_module, "open", manifest_open, raising=False)
+    # The manifest is written by the local storage (shared/storage.py).
+    monkeypatch.setattr(storage_module, "open", manifest_open, raising=False)
 
 
 SITES = [

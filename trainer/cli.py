@@ -95,12 +95,14 @@ def _summary(settings: TrainConfig, result: Path, seconds: float) -> None:
 def _preflight(settings: TrainConfig) -> None:
     """What can be checked before the student loads (a ValueError, printed as one line)."""
     from distillcache import preflight
+    from distillcache.shared.storage import is_uri
 
     from .seq_kd import is_seed_file
 
     preflight.model_ref(settings.student, "--student")
     for flag_name, path in (("--data", settings.data), ("--eval-data", settings.eval_data)):
-        if path is not None and not Path(path).exists():
+        # A dataset on object storage is checked when it opens (its errors name the URI).
+        if path is not None and not is_uri(path) and not Path(path).exists():
             raise ValueError(f"{flag_name} {path}: no such seed file or dataset directory")
     if is_seed_file(settings.data) and settings.loss != "sft":
         raise ValueError(

@@ -131,10 +131,10 @@ class ShardSource:
         batch = decode_table(self.dataset.read_row_group(unit), self.info)
         if len(batch.topk_ids) and int(batch.topk_ids.max()) >= self.info.vocab_size:
             raise DatasetError(
-                f"{self.dataset.root / unit.shard}: row group {unit.index} has top-k ids at or "
+                f"{self.dataset.where(unit.shard)}: row group {unit.index} has top-k ids at or "
                 f"past the vocabulary size {self.info.vocab_size} (padded logit rows)"
             )
-        check_teacher_rows(batch, f"{self.dataset.root / unit.shard}: row group {unit.index}")
+        check_teacher_rows(batch, f"{self.dataset.where(unit.shard)}: row group {unit.index}")
         examples = []
         for i in range(len(batch)):
             prompt, completion = batch.row_prompt(i), batch.row_completion(i)
@@ -142,7 +142,7 @@ class ShardSource:
                 scored = batch.row_completion_positions(i)
             except ValueError as e:
                 raise DatasetError(
-                    f"{self.dataset.root / unit.shard}: {e}; nothing to align"
+                    f"{self.dataset.where(unit.shard)}: {e}; nothing to align"
                 ) from None
             examples.append(
                 Example(

@@ -10,7 +10,9 @@ always safe.
 
 A shard that turns out unreadable when a hit reads it (a failed page checksum, a wrong
 size) is quarantined (``shared.manifest.quarantine_shard``): dropped from its manifest
-and moved aside, so its rows count as missing and are recomputed, never served.
+and moved aside, so its rows count as missing and are recomputed, never served. Read-only
+sources (datasets outside the data root, ``s3://`` URIs among them, indexed under their
+URI) are never changed: a damaged shard of one is only dropped from the index.
 
 A hit reads one row group of one shard and decodes one row through
 ``shared.reader.table_records``. The last few row groups read are kept as Arrow tables,
@@ -31,13 +33,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from distillcache.shared.manifest import (
+    LEGACY_MANIFEST,
+    MANIFEST,
     DatasetError,
     find_manifest,
+    is_dataset,
     quarantine_shard,
 )
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
 from distillcache.shared.schema import KEY, DatasetInfo
+from distillcache.shared.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +90,16 @@ def dataset_names(data_root: Path) -> list[str]:
 
 
 class CacheIndex:
-    def __init__(self, data_root: Path, db_path: Path, *, cached_row_groups: int = 4) -> None:
+    def __init__(
+        self,
+        data_root: Path,
+        db_path: Path,
+        *,
+        sources: Sequence[str] = (),
+        cached_row_groups: int = 4,
+    ) -> None:
         self.data_root = data_root
+        self.sources = list(sources)
         self.db_path = db_path
         self._lock = threading.RLock()
         # One refresh at a time: two would read the same shards only to insert them twice.
@@ -137,7 +151,7 @@ class CacheIndex:
 
     def refresh(self) -> None:
         """Bring every dataset of the data root up to date; forget vanished datasets."""
-        names = dataset_names(self.data_root)
+        names = dataset_names(self.data_root) + self.sources
         with self._lock:
             known = [r[0] for r in self._db.execute("SELECT name FROM datasets")]
         for gone in set(known) - set(names):
@@ -150,7 +164,7 @@ class CacheIndex:
             self._refresh_dataset(name)
 
     def _refresh_dataset(self, name: str) -> None:
-        root = self.data_root / name
+        root = self._location(name)
         stamp = _manifest_stamp(root)
         with self._lock:
             row = self._db.execute("SELECT stamp FROM datasets WHERE name=?", (name,)).fetchone()
@@ -184,7 +198,7 @@ class CacheIndex:
             try:
                 new_rows += _shard_keys(name, reader, file)
             except (OSError, DatasetError, pa.ArrowException) as e:
-                log.warning("not indexing shard %s: %s", root / file, e)
+                log.warning("not indexing shard %s: %s", reader.where(file), e)
                 continue
             new_shards.append((name, file, sha))
         with self._lock:
@@ -293,7 +307,10 @@ class CacheIndex:
                     [record] = table_records(table.slice(loc.row, 1), info)
                 except (DatasetError, IndexError, OSError, ValueError, pa.ArrowException) as e:
                     if self._damaged(loc):
-                        quarantine_shard(self.data_root / loc.dataset, loc.shard, str(e))
+                        if loc.dataset in self.sources:
+                            log.error("%s/%s: damaged (%s); not served", loc.dataset, loc.shard, e)
+                        else:
+                            quarantine_shard(self.data_root / loc.dataset, loc.shard, str(e))
                         self._forget_shard(loc.dataset, loc.shard)
                     else:
                         log.warning("cache index is stale for %s (%s); re-indexing", loc.dataset, e)
@@ -306,7 +323,7 @@ class CacheIndex:
     def _damaged(self, loc: Location) -> bool:
         """Whether ``loc``'s shard itself is bad (still listed, yet unreadable: a failed page
         checksum, a wrong size, undecodable data) rather than the index being stale."""
-        root = self.data_root / loc.dataset
+        root = self._location(loc.dataset)
         try:
             reader = ShardDataset(root)
             if loc.shard not in {s.file for s in reader.shards}:
@@ -315,7 +332,7 @@ class CacheIndex:
         except FileNotFoundError:
             return False
         except (DatasetError, OSError, ValueError, pa.ArrowException):
-            return find_manifest(root) is not None
+            return is_dataset(root)
         return False
 
     def _row_group(self, loc: Location) -> tuple[DatasetInfo, pa.Table]:
@@ -340,19 +357,23 @@ class CacheIndex:
     def _reader(self, name: str, *, fresh: bool = False) -> ShardDataset:
         reader = None if fresh else self._readers.get(name)
         if reader is None:
-            reader = self._readers[name] = ShardDataset(self.data_root / name)
+            reader = self._readers[name] = ShardDataset(self._location(name))
         return reader
 
+    def _location(self, name: str) -> Path | str:
+        """Where dataset ``name`` lives: a source is named by its own location."""
+        return name if name in self.sources else self.data_root / name
 
-def _manifest_stamp(root: Path) -> str | None:
-    try:
-        found = find_manifest(root)
-        if found is None:
-            return None
-        st = found.stat()
-    except FileNotFoundError:
-        return None
-    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+def _manifest_stamp(root: Path | str) -> str | None:
+    """Changes whenever the manifest is replaced (for a local one: inode, mtime, size)."""
+    storage = open_storage(root)
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        try:
+            return ":".join(map(str, storage.stamp(name)))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return None
 
 
 def _shard_keys(

@@ -82,6 +82,7 @@ async def build_runtime(
             flush_rows=settings.flush_rows,
             flush_seconds=settings.flush_seconds,
             row_group_tokens=settings.row_group_tokens,
+            sources=settings.cache_sources,
         )
         jobs = JobStore(store.state_dir / "jobs.sqlite")
     except BaseException:

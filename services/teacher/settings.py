@@ -129,6 +129,11 @@ class TeacherSettings(BaseSettings):
     flush_seconds: float = Field(
         10.0, gt=0, description="Publish them once the oldest pending row is this many seconds old."
     )
+    cache_sources: list[str] = Field(
+        default_factory=list,
+        description="Read-only datasets whose rows also answer cache hits (s3://BUCKET/PREFIX "
+        "or a directory; repeat the flag): indexed like the data root's, never written.",
+    )
     row_group_tokens: int = Field(
         65_536,
         ge=1,

@@ -18,7 +18,11 @@ Which dataset an answer goes to. A dataset has one k and one log-prob codec, so:
 Lookups do not care which dataset holds a key, only how exactly it stores log-probs: the
 key already pins the teacher's weights and numerics, the tokenizer, the prompt, k and the
 sampling, so any dataset's row is the right answer, provided its codec is at least as
-exact as the one this store writes (``as_exact_codecs``).
+exact as the one this store writes (``as_exact_codecs``). Besides the data root's
+datasets, read-only *sources* (``--cache-sources``: datasets on object storage, e.g. the
+output of a capture run on a cluster, or directories elsewhere) answer lookups too; they
+are indexed under their URI as name and never written, and a damaged shard in one is
+left out of the index, not quarantined (the store cannot change a dataset it only reads).
 
 Flush policy. Stored rows first sit in the dataset's ShardWriter buffer and in a
 ``pending`` map that answers lookups from memory. Once a dataset has ``flush_rows``
@@ -36,7 +40,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,10 +136,12 @@ class TeacherStore:
         flush_rows: int,
         flush_seconds: float,
         row_group_tokens: int,
+        sources: Sequence[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``clock`` gives the seconds the flush policy and index refreshes measure; tests
-        pass a clock they advance themselves."""
+        """``sources``: read-only datasets (``s3://`` URIs or directories) whose rows
+        answer lookups too. ``clock`` gives the seconds the flush policy and index
+        refreshes measure; tests pass a clock they advance themselves."""
         self.data_root = Path(data_root).resolve()
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.identity = identity
@@ -145,7 +151,10 @@ class TeacherStore:
         self.flush_seconds = flush_seconds
         self.row_group_tokens = row_group_tokens
         self.state_dir = self.data_root / STATE_DIR
-        self.index = CacheIndex(self.data_root, self.state_dir / "index.sqlite")
+        # A source that does not open stops the start, naming it (not a silent miss).
+        for source in sources:
+            read_manifest(source)
+        self.index = CacheIndex(self.data_root, self.state_dir / "index.sqlite", sources=sources)
         self.index.refresh()
         self._open: dict[str, _OpenDataset] = {}
         self._lock = threading.Lock()
