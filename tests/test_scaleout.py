@@ -21,9 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
+from s3_server import CREDENTIALS, s3_server
+from typer.testing import CliRunner
 
-from distillcache.cli import main
+from distillcache.cli import app, main
 from distillcache.services.teacher.jobs import JobProgress, JobSpec
 from distillcache.services.teacher.scaleout import CaptureResult, run_capture
 from distillcache.services.teacher.settings import ScaleOut, TeacherSettings
@@ -35,6 +38,7 @@ ray = pytest.importorskip("ray")
 ROWS = 160
 MAX_TOKENS = 6
 CHUNK = 16
+BUCKET = "distill-ray"
 
 
 def write_rows(path: Path, numbers: range) -> Path:
@@ -54,7 +58,29 @@ def write_rows(path: Path, numbers: range) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def s3_endpoint():
+    """moto's S3 server (a real S3-protocol process) with a bucket, and the standard AWS
+    variables pointing at it: set before the cluster starts, so every worker has them,
+    as every node of a real cluster has its credentials."""
+    with s3_server() as url:
+        env = CREDENTIALS | {"AWS_ENDPOINT_URL": url}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        pafs.S3FileSystem(
+            endpoint_override=url, region="us-east-1", allow_bucket_creation=True
+        ).create_dir(BUCKET)
+        try:
+            yield url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -89,23 +115,29 @@ def reference(tmp_path_factory: pytest.TempPathFactory, teacher_model: Path, row
 def capture(
     teacher: Path,
     input: Path,
-    out: Path,
+    out: Path | str,
     workers: int,
     on_progress: Callable[[JobProgress], None] | None = None,
     **settings: object,
 ) -> CaptureResult:
-    spec = JobSpec(input=str(input), output=out.name, k=20, max_tokens=MAX_TOKENS)
+    remote = isinstance(out, str)
+    spec = JobSpec(
+        input=str(input), output=out if remote else out.name, k=20, max_tokens=MAX_TOKENS
+    )
     config = TeacherSettings(
-        model=str(teacher), data_root=out.parent, job_chunk_rows=CHUNK, **settings
+        model=str(teacher),
+        data_root=Path.cwd() if remote else out.parent,
+        job_chunk_rows=CHUNK,
+        **settings,
     )
     return run_capture(config, spec, ScaleOut(ray=True, workers=workers), on_progress=on_progress)
 
 
-def records(path: Path) -> dict:
+def records(path: Path | str) -> dict:
     return {r.key: r for r in ShardDataset(path).iter_records()}
 
 
-def assert_each_row_once(path: Path, expected: set[str]) -> None:
+def assert_each_row_once(path: Path | str, expected: set[str]) -> None:
     tables = ShardDataset(path).iter_tables(columns=["key"])
     counts = Counter(key for table in tables for key in table["key"].to_pylist())
     assert set(counts) == expected
@@ -212,9 +244,20 @@ def test_two_captures_into_one_dataset_at_once_both_land(cluster, teacher_model,
     second = write_rows(tmp_path / "second.jsonl", range(half, ROWS))
     out = tmp_path / "data" / "ds"
     results: dict[str, CaptureResult] = {}
+    # Each capture waits, once its first chunk is published (flush_rows = a chunk), for
+    # the other's: a worker's start-up can outlast a whole capture of these few rows.
+    both_published = threading.Barrier(2, timeout=300)
 
     def run(name: str, input: Path) -> None:
-        results[name] = capture(teacher_model, input, out, workers=1, flush_rows=16)
+        waited = []
+
+        def progress(p: JobProgress) -> None:
+            if p.rows_teacher >= CHUNK and not waited:
+                waited.append(both_published.wait())
+
+        results[name] = capture(
+            teacher_model, input, out, workers=1, on_progress=progress, flush_rows=CHUNK
+        )
 
     threads = [threading.Thread(target=run, args=a) for a in (("a", first), ("b", second))]
     for t in threads:
@@ -228,7 +271,8 @@ def test_two_captures_into_one_dataset_at_once_both_land(cluster, teacher_model,
     for s in shards:
         by_writer.setdefault(s.writer_id, []).append(s.created)
     assert len(by_writer) == 2
-    # They really ran at once: each published a shard before the other's last one.
+    # They really ran at once: each published a shard before the other's last one (the
+    # barrier holds back each planner's later chunks until both have one shard out).
     (a, b) = by_writer.values()
     assert min(a) < max(b) and min(b) < max(a)
     assert sum(r.progress.rows_teacher for r in results.values()) == ROWS
@@ -275,3 +319,39 @@ def test_cli_rerun_on_the_cluster_computes_only_the_missing_rows_and_reports_bad
     assert lines[-1].startswith(f"done: {ROWS + 2} rows; {ROWS // 2} by the teacher")
     assert lines[-1].endswith(f"{ROWS // 2} already in {out}, 2 failed")
     assert_each_row_once(out, set(records(reference)))
+
+
+def test_two_workers_capture_into_s3_each_row_once(cluster, teacher_model, rows, reference):
+    uri = f"s3://{BUCKET}/captures/ds"
+    result = capture(teacher_model, rows, uri, workers=2, flush_rows=32)
+
+    expected = records(reference)
+    assert_each_row_once(uri, set(expected))
+    got = records(uri)
+    for key, want in expected.items():
+        assert got[key].completion_ids.tolist() == want.completion_ids.tolist()
+        np.testing.assert_array_equal(got[key].topk_ids, want.topk_ids)
+        gap = np.abs(cbrt_codes(got[key].topk_logprobs) - cbrt_codes(want.topk_logprobs))
+        assert gap.max() <= 1
+    assert result.progress.rows_teacher == ROWS
+    assert len({s.writer_id for s in read_manifest(uri).shards}) == 2
+    # A rerun through the CLI finds every row published and runs the teacher for none.
+    command = [
+        *(sys.executable, "-m", "distillcache", "cache", str(rows)),
+        *("--teacher", str(teacher_model), "--out", uri, "--max-tokens", str(MAX_TOKENS)),
+        *("--ray", "--ray-address", cluster),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = done.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"done: {ROWS} rows; 0 by the teacher")
+    assert summary.endswith(f"{ROWS} already in {uri}, 0 failed")
+
+
+def test_an_s3_out_without_ray_is_a_usage_error_naming_the_fix(tmp_path):
+    input = write_rows(tmp_path / "rows.jsonl", range(2))
+    result = CliRunner().invoke(
+        app, ["cache", str(input), "--teacher", "t", "--out", "s3://b/p/ds"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2
+    assert "--out" in result.output and "add --ray" in result.output

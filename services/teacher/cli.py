@@ -94,7 +94,7 @@ serve.__signature__ = inspect.Signature(options(TeacherSettings, env_prefix=ENV_
 def cache(
     input: Path,
     teacher: str,
-    out: Path,
+    out: str,
     k: int | None = None,
     max_failures: int = 0,
     **flags: Any,
@@ -107,13 +107,24 @@ def cache(
 
     # soft_wrap: row errors and the summary stay one line each, for logs and grep.
     console = Console(stderr=True, soft_wrap=True)
-    out = out.resolve()
-    try:
-        check_dataset_name(out.name)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--out") from None
+    from distillcache.shared.storage import is_uri
+
     chosen = given(flags)
     scale = _valid(ScaleOut, {n: v for n, v in chosen.items() if n in ScaleOut.model_fields})
+    remote = is_uri(out)
+    if remote and not scale.ray:
+        raise typer.BadParameter(
+            f"{out}: a dataset on object storage is written by a --ray capture; add --ray",
+            param_hint="--out",
+        )
+    # A remote dataset's workers keep their runtime state in scratch directories; the
+    # data root is then this machine's working directory, which nothing writes to.
+    out = out if remote else Path(out).resolve()
+    name = out.rstrip("/").rsplit("/", 1)[-1] if remote else out.name
+    try:
+        check_dataset_name(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--out") from None
     sampling = _valid(Sampling, {n: v for n, v in chosen.items() if n in Sampling.model_fields})
     settings = _valid(
         TeacherSettings,
@@ -121,7 +132,7 @@ def cache(
             **{n: v for n, v in chosen.items() if n in CACHE_SETTINGS},
             **given({"max_k": k, "default_k": k}),
             "model": teacher,
-            "data_root": out.parent,
+            "data_root": Path.cwd() if remote else out.parent,
         },
     )
     # Everything that can be checked before the teacher loads.
@@ -130,12 +141,14 @@ def cache(
     vocab = preflight.vocab_size(teacher)
     if vocab is not None and settings.default_k > vocab:
         raise ValueError(f"--k {settings.default_k}: the teacher's vocabulary has {vocab} tokens")
-    preflight.writable(out, "--out")
+    if not remote:
+        preflight.writable(out, "--out")
     _check_existing_dataset(out, settings, sampling)
-    console.print(
-        f"data root {out.parent} (its other datasets serve as cache; state in "
-        f"{out.parent / '.distill'})"
-    )
+    if not remote:
+        console.print(
+            f"data root {out.parent} (its other datasets serve as cache; state in "
+            f"{out.parent / '.distill'})"
+        )
     if scale.ray:
         state, message, p, errors = _cache_on_ray(settings, input, out, sampling, scale, console)
     else:
@@ -160,7 +173,7 @@ def cache(
         raise typer.Exit(1)
 
 
-def _check_existing_dataset(out: Path, settings: TeacherSettings, sampling: Sampling) -> None:
+def _check_existing_dataset(out: Path | str, settings: TeacherSettings, sampling: Sampling) -> None:
     """One dataset, one set of settings: a rerun with another k, codec or sampling would
     mix rows made differently under metadata that names only the first."""
     from distillcache.shared.manifest import DatasetError, read_manifest
@@ -214,10 +227,10 @@ cache.__signature__ = inspect.Signature(
             "out",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=Annotated[
-                Path,
+                str,
                 typer.Option(
                     help="Dataset directory; its parent is the data root, whose other "
-                    "datasets serve as cache."
+                    "datasets serve as cache. With --ray, also s3://BUCKET/PREFIX/NAME."
                 ),
             ],
         ),
@@ -257,7 +270,7 @@ cache.__signature__ = inspect.Signature(
 def _cache_on_ray(
     settings: TeacherSettings,
     input: Path,
-    out: Path,
+    out: Path | str,
     sampling: Sampling,
     scale: ScaleOut,
     console: Any,
@@ -274,7 +287,10 @@ def _cache_on_ray(
     from .scaleout import run_capture
 
     spec = JobSpec(
-        input=str(input.resolve()), output=out.name, k=settings.default_k, **sampling.model_dump()
+        input=str(input.resolve()),
+        output=out if isinstance(out, str) else out.name,
+        k=settings.default_k,
+        **sampling.model_dump(),
     )
     with _progress_bar(console) as show:
         task = show.add_task(

@@ -13,6 +13,9 @@ Two parts, one process each kind:
   copied rather than recomputed, and publishes shards with its own ShardWriter under its
   own writer id (host-pid-random). Several writers share one dataset the way replicas
   do: shards are immutable and the manifest update is serialized (shared/manifest.py).
+  A dataset on object storage (``s3://``) is written by the worker's own ShardWriter
+  instead of the store, which writes only datasets of its local data root; the worker
+  then skips keys the remote dataset holds, as the store skips keys its dataset holds.
 
 Why the planner, not Ray Data, reads the input: the keys need the tokenizer and the
 teacher's identity, which the workers' backends define, and one input parser (with its
@@ -40,7 +43,9 @@ the others in the next pass.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,9 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from distillcache.shared.inputs import iter_input_rows
-from distillcache.shared.manifest import find_manifest
+from distillcache.shared.manifest import is_dataset
 from distillcache.shared.reader import ShardDataset
 from distillcache.shared.schema import KEY
+from distillcache.shared.storage import is_uri
+from distillcache.shared.writer import ShardWriter
 
 from .backend import Query
 from .identity import TeacherIdentity
@@ -105,6 +112,8 @@ class CaptureWorker:
     """One teacher backend and its store, in one Ray actor process (module docstring)."""
 
     def __init__(self, settings: TeacherSettings, spec: JobSpec, cpus: float) -> None:
+        import tempfile
+
         import torch
 
         from .metrics import ServiceMetrics
@@ -112,6 +121,17 @@ class CaptureWorker:
 
         torch.set_num_threads(max(1, int(cpus)))
         self._dataset = spec.output
+        # A dataset on object storage (``spec.output`` a URI) is written by this worker's
+        # own ShardWriter, since the store writes datasets of its local data root only;
+        # the worker's runtime then keeps its state in a scratch directory of its node.
+        self._remote: ShardWriter | None = None
+        self._held: set[str] = set()
+        self._oldest: float | None = None
+        self._flush_rows, self._flush_seconds = settings.flush_rows, settings.flush_seconds
+        self._scratch: Path | None = None
+        if is_uri(spec.output):
+            self._scratch = Path(tempfile.mkdtemp(prefix="distill-worker-"))
+            settings = settings.model_copy(update={"data_root": self._scratch})
         # One loop for the actor's life: vLLM's engine serves from the loop it was built on.
         self._loop = asyncio.new_event_loop()
 
@@ -124,7 +144,15 @@ class CaptureWorker:
         self._failure: Exception | None = None
         try:
             self._runtime = self._loop.run_until_complete(start())
-            self._runtime.store.open_dataset(spec.output, spec.k, spec.as_sampling())
+            store = self._runtime.store
+            if is_uri(spec.output):
+                info = store.identity.dataset_info(spec.k, store.codec, spec.as_sampling())
+                self._remote = ShardWriter(spec.output, info)
+                # A chunk run again after a kill between publishing and replying: its
+                # published rows are skipped, as the local store skips them.
+                self._held = published_keys(spec.output)
+            else:
+                store.open_dataset(spec.output, spec.k, spec.as_sampling())
         except Exception as e:  # noqa: BLE001 - raised again by plan_context
             self._failure = e
 
@@ -140,10 +168,17 @@ class CaptureWorker:
     def answer(self, queries: list[Query], metas: list[dict[str, Any]]) -> ChunkCounts:
         """Answer one chunk into the dataset; rows are published by the store's flush
         policy (``flush_rows``, ``flush_seconds``), not per chunk, so shards stay large."""
-        answers = self._loop.run_until_complete(
-            self._runtime.service.answer(queries, dataset=self._dataset, metas=metas, queue=False)
-        )
-        self._runtime.store.flush_due()
+        service = self._runtime.service
+        if self._remote is None:
+            answers = self._loop.run_until_complete(
+                service.answer(queries, dataset=self._dataset, metas=metas, queue=False)
+            )
+            self._runtime.store.flush_due()
+        else:
+            answers = self._loop.run_until_complete(
+                service.answer(queries, cache="read", queue=False)
+            )
+            self._write_remote([a.record for a in answers], metas)
         counts = ChunkCounts()
         for answer in answers:
             tokens = len(answer.record.prompt_ids) + len(answer.record.completion_ids)
@@ -155,17 +190,40 @@ class CaptureWorker:
                 counts.teacher_tokens += tokens
         return counts
 
+    def _write_remote(self, records: list[Any], metas: list[dict[str, Any]]) -> None:
+        """Rows into the remote dataset's writer, published by the same flush policy
+        (``flush_rows`` pending rows, or the oldest ``flush_seconds`` old)."""
+        for record, meta in zip(records, metas, strict=True):
+            if record.key in self._held:
+                continue
+            self._remote.write(dataclasses.replace(record, meta=meta))
+            self._held.add(record.key)
+            self._oldest = self._oldest or time.monotonic()
+        pending = self._remote.pending_rows
+        if pending and (
+            pending >= self._flush_rows or time.monotonic() - self._oldest >= self._flush_seconds
+        ):
+            self.flush()
+
     def flush(self) -> None:
-        self._runtime.store.flush(self._dataset)
+        if self._remote is None:
+            self._runtime.store.flush(self._dataset)
+        else:
+            self._remote.flush()
+            self._oldest = None
 
     def close(self) -> None:
-        """Publish what is pending and free the model."""
+        """Publish what is pending and free the model (and the scratch directory)."""
+        self.flush()
         self._loop.run_until_complete(self._runtime.close())
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-def published_keys(path: Path) -> set[str]:
-    """Keys the dataset at ``path`` holds in shards its manifest lists (none: no dataset)."""
-    if find_manifest(path) is None:
+def published_keys(path: Path | str) -> set[str]:
+    """Keys the dataset at ``path`` (a directory or a URI) holds in shards its manifest
+    lists (none: no dataset)."""
+    if not is_dataset(path):
         return set()
     dataset = ShardDataset(path)
     return {key for table in dataset.iter_tables(columns=[KEY]) for key in table[KEY].to_pylist()}
@@ -210,7 +268,8 @@ def run_capture(
                 f"--k {spec.k} is above the teacher engine's maximum {planner.context.limits.max_k}"
             )
         pids = _get(ray, [w.pid.remote() for w in workers])
-        result = planner.run(settings.data_root / spec.output, settings.job_chunk_rows)
+        where = spec.output if is_uri(spec.output) else settings.data_root / spec.output
+        result = planner.run(where, settings.job_chunk_rows)
         alive = sorted(planner.alive)
         now = _get(ray, [workers[i].pid.remote() for i in alive])
         result.startup_seconds = startup
@@ -255,7 +314,7 @@ class _Planner:
         self.result = CaptureResult(JobProgress())
         self.alive = set(range(len(workers)))
 
-    def run(self, path: Path, chunk_rows: int) -> CaptureResult:
+    def run(self, path: Path | str, chunk_rows: int) -> CaptureResult:
         progress = self.result.progress
         progress.rows_total = count_rows(self.spec.input)
         published = published_keys(path)
