@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -355,3 +356,20 @@ def test_an_s3_out_without_ray_is_a_usage_error_naming_the_fix(tmp_path):
     )
     assert result.exit_code == 2
     assert "--out" in result.output and "add --ray" in result.output
+
+
+def test_a_ray_address_nobody_answers_is_one_line_before_anything_starts(
+    teacher_model, tmp_path, capsys
+):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    input = write_rows(tmp_path / "rows.jsonl", range(2))
+    out = tmp_path / "data" / "ds"
+    args = ["cache", str(input), "--teacher", str(teacher_model), "--out", str(out)]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--ray", "--ray-address", f"127.0.0.1:{port}"])
+    assert done.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --ray-address 127.0.0.1:{port}: no Ray cluster answers")
+    assert not out.parent.exists()

@@ -141,6 +141,8 @@ def cache(
     vocab = preflight.vocab_size(teacher)
     if vocab is not None and settings.default_k > vocab:
         raise ValueError(f"--k {settings.default_k}: the teacher's vocabulary has {vocab} tokens")
+    if scale.ray:
+        preflight.ray_address(scale.ray_address, "--ray-address")
     if not remote:
         preflight.writable(out, "--out")
     _check_existing_dataset(out, settings, sampling)
