@@ -10,7 +10,8 @@ measured, HTTP included. Reported, from one run:
   compressible than a real teacher's: docs/benchmarks.md has real-text figures);
 - bytes sent and received per token while writing (shard uploads, manifest commits,
   existence checks) and while reading every row group decoded, and their ratio to the
-  shard bytes (the protocol's overhead);
+  shard bytes (the protocol's overhead); requests when row groups are read one at a
+  time in a shuffled order, as a trainer rank reads them;
 - write and read tokens/s to S3 against local disk in the same run (a ratio). moto is a
   single-threaded Python server on the same cores, so this ratio bounds the cost of the
   protocol on this machine, not S3's throughput.
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +165,7 @@ def main() -> None:
         uri = "s3://bench/ds"
         local = workdir / "ds"
         # Best of two runs each, to fresh datasets (the first also pays for warm-up).
-        write_local = min(timed(lambda: write(local / str(i))) for i in range(2))
+        write_local = min(timed(partial(write, local / str(i))) for i in range(2))
         write_s3 = timed(lambda: write(f"{uri}-warm-up"))
         proxy.reset()
         write_s3 = min(write_s3, timed(lambda: write(uri)))
@@ -174,6 +176,14 @@ def main() -> None:
         proxy.reset()
         read_s3 = timed(lambda: read(uri))
         down = (proxy.sent, proxy.received, proxy.connections)
+        # As a trainer rank reads: one row group at a time, in a shuffled order.
+        ds = ShardDataset(uri)
+        refs = ds.row_groups()
+        np.random.default_rng(0).shuffle(refs)
+        proxy.reset()
+        for ref in refs:
+            ds.read_row_group(ref)
+        units = proxy.connections
         ds = ShardDataset(uri)
         shard_bytes = ds.manifest.bytes
         groups = len(ds.row_groups())
@@ -194,6 +204,7 @@ def main() -> None:
         f"({down[1] / shard_bytes:.3f} x shard bytes; sent {down[0] / tokens:.2f} B/token, "
         f"{down[2]} requests)"
     )
+    print(f"trainer order: {units} requests for {groups} row groups (one by one, shuffled)")
     print(
         f"write tokens/s: local {tokens / write_local:,.0f}, s3 {tokens / write_s3:,.0f} "
         f"(s3/local {write_local / write_s3:.2f})"

@@ -24,6 +24,7 @@ column chunks coalesced into few requests), so nothing is downloaded whole.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,11 @@ class DecodedBatch:
         return slice(start, start + len(self.row_completion(i)))
 
 
+# Remote shards a reader keeps open, each with its parsed footer: enough for a trainer
+# rank whose shuffled units interleave the row groups of a few shards.
+_OPEN_REMOTE_SHARDS = 8
+
+
 class ShardDataset:
     """A dataset (a directory or an ``s3://`` URI) opened for reading: its manifest and
     row-group layout."""
@@ -126,6 +132,8 @@ class ShardDataset:
         self._schema = self.info.schema()
         # Shards without page checksums whose sha256 matched, by their file's stat.
         self._hashed: dict[str, tuple[int, ...]] = {}
+        # Remote shards opened and checked, most recent last (see ``open_shard``).
+        self._opened: OrderedDict[str, pq.ParquetFile] = OrderedDict()
 
     def where(self, name: str) -> str:
         """A file of the dataset, as messages name it."""
@@ -136,9 +144,20 @@ class ShardDataset:
         return list(self.manifest.shards)
 
     def open_shard(self, name: str, *, verify: bool = False) -> pq.ParquetFile:
+        """Open a listed shard after checking its size, footer schema and info (and its
+        sha256 with ``verify`` or when it has no page checksums).
+
+        A local shard is checked at every open (a stat). On object storage each check is a
+        round trip, and a trainer opens a shard once per row group it reads: the last
+        few remote shards opened stay open and checked, since a shard under its final
+        name is never rewritten (page checksums still check every page read).
+        """
         entry = self._entries.get(name)
         if entry is None:
             raise DatasetError(f"{self.where(name)}: not listed in the manifest of {self.root}")
+        if not verify and name in self._opened:
+            self._opened.move_to_end(name)
+            return self._opened[name]
         path = self.where(name)
         try:
             stamp = self.storage.stamp(name)
@@ -176,6 +195,10 @@ class ShardDataset:
             same_info = False
         if not same_info:
             raise DatasetError(f"{path}: its DatasetInfo differs from the manifest's (altered?)")
+        if self.storage.remote:
+            self._opened[name] = pf
+            while len(self._opened) > _OPEN_REMOTE_SHARDS:
+                self._opened.popitem(last=False)
         return pf
 
     def row_groups(self, shards: Sequence[str] | None = None) -> list[RowGroupRef]:

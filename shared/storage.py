@@ -19,8 +19,9 @@ directory and an object store are implemented twice, here:
   On S3 the write is conditional: ``If-Match: <ETag read>`` (or ``If-None-Match: *``
   when there was no manifest); a writer that lost the race gets 412 and redoes its
   read-modify-write on the new manifest. pyarrow.fs has no conditional write (Arrow
-  issue 44281: its S3 output streams send plain PUTs), so that one request goes through
-  botocore; every other byte (shards, reads, listings) goes through ``pyarrow.fs``.
+  issue 44281: its S3 output streams send plain PUTs) and shows no ETag, so the commit's
+  two requests (the GET that reads the ETag, the conditional PUT) go through botocore;
+  every other byte (shards, readers' manifest reads, listings) goes through ``pyarrow.fs``.
 
 Configuration is the AWS SDKs' standard environment, read once into ``S3Config``:
 credentials by the SDKs' own chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
@@ -31,6 +32,7 @@ the region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -69,7 +71,7 @@ def is_uri(location: str | os.PathLike) -> bool:
     return isinstance(location, str) and "://" in location
 
 
-class Storage:
+class Storage(abc.ABC):
     """One dataset's files: ``where(name)`` for messages, and the operations on them."""
 
     location: str  # how the user named the dataset, for messages
@@ -77,17 +79,12 @@ class Storage:
     fs: pafs.FileSystem
     base: str  # the dataset's path inside ``fs``
 
+    @abc.abstractmethod
     def where(self, name: str) -> str:
         """A file of the dataset, as messages name it."""
-        raise NotImplementedError
 
     def _path(self, name: str) -> str:
         return f"{self.base}/{name}"
-
-    def file_size(self, name: str) -> int | None:
-        """Bytes of file ``name``, None if there is none."""
-        info = self.fs.get_file_info(self._path(name))
-        return info.size if info.type == pafs.FileType.File else None
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type != pafs.FileType.NotFound
@@ -132,22 +129,22 @@ class Storage:
 
     # What differs between a directory and an object store.
 
+    @abc.abstractmethod
     def check_dataset_place(self) -> None:
         """Raise DatasetError when the location cannot hold a dataset (a file is there)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def staging(self) -> Path:
         """The local directory a shard is written in before ``place`` (created)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def place(self, tmp: Path, name: str) -> None:
         """Make the complete, fsynced local file ``tmp`` the dataset's file ``name``,
         atomically (a reader sees all of it or nothing); ``tmp`` is gone afterwards."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sync(self) -> None:
         """Make every ``place`` so far durable before a manifest names the files."""
-        raise NotImplementedError
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Held around a read-modify-write of the manifest: serializes local writers
@@ -155,15 +152,15 @@ class Storage:
         conditional)."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def read_versioned(self, name: str) -> tuple[bytes | None, str | None]:
         """(content or None, a version that ``write_versioned`` checks)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_versioned(self, name: str, data: bytes, version: str | None) -> None:
         """Replace ``name`` atomically with ``data`` if it is still at ``version`` (None:
         if it still does not exist); raise VersionConflict if not. Locally the caller holds
         the dataset's lock, which is the check."""
-        raise NotImplementedError
 
 
 class LocalStorage(Storage):
@@ -247,8 +244,18 @@ class S3Config:
     @classmethod
     def from_env(cls) -> S3Config:
         env = os.environ
+        endpoint = None
+        for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            endpoint = env.get(variable)
+            if endpoint:
+                if urlsplit(endpoint).scheme not in ("http", "https"):
+                    raise DatasetError(
+                        f"{variable}={endpoint} is not a URL; give its scheme, e.g."
+                        f" http://{endpoint}"
+                    )
+                break
         return cls(
-            endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            endpoint=endpoint or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         )
 
@@ -263,10 +270,7 @@ def _clients(config: S3Config) -> tuple[pafs.S3FileSystem, object]:
     options: dict = {"region": config.region, "connect_timeout": 5, "request_timeout": 60}
     if config.endpoint:
         split = urlsplit(config.endpoint)
-        options |= {
-            "endpoint_override": split.netloc or split.path,
-            "scheme": split.scheme or "https",
-        }
+        options |= {"endpoint_override": split.netloc, "scheme": split.scheme}
     s3 = session.create_client(
         "s3",
         region_name=config.region,

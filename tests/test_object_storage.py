@@ -473,3 +473,26 @@ def test_a_cache_source_that_does_not_open_stops_the_store_naming_it(endpoint, t
             row_group_tokens=1024,
             sources=[uri],
         )
+
+
+def test_an_endpoint_without_a_scheme_is_a_one_line_error_naming_it(endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.removeprefix("http://"))
+    uri = f"s3://{BUCKET}/round-trip/ds"
+    result = CliRunner().invoke(app, ["verify", uri])
+    assert result.exit_code == 1
+    [line] = result.output.strip().splitlines()
+    assert f"{uri}: AWS_ENDPOINT_URL={endpoint.removeprefix('http://')} is not a URL" in line
+
+
+def test_an_unreachable_endpoint_is_a_one_line_error_naming_the_uri(endpoint, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    uri = f"s3://{BUCKET}/round-trip/ds"
+    result = CliRunner().invoke(app, ["verify", uri])
+    assert result.exit_code == 1
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"fault: {uri}: cannot reach S3 (")

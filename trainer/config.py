@@ -34,9 +34,9 @@ class TrainConfig(BaseModel):
 
     # Data and models.
     data: str = Field(
-        description="Training data: a shard dataset directory (token-level KD, or SFT on its "
-        "completions with --loss sft), or a seed file (.jsonl, .jsonl.zst, .parquet) of "
-        "{question, teacher_solution} rows for SFT."
+        description="Training data: a shard dataset directory or s3:// URI (token-level KD, "
+        "or SFT on its completions with --loss sft), or a seed file (.jsonl, .jsonl.zst, "
+        ".parquet) of {question, teacher_solution} rows for SFT."
     )
     student: str = Field(description="Student model: a Hugging Face id or a local directory.")
     output_dir: str = Field(description="Where checkpoints, the final model and metrics go.")
