@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 from distillcache.shared.inputs import SUFFIXES
@@ -62,3 +63,22 @@ def writable(path: Path, flag: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {existing} is not writable")
     return path
+
+
+def ray_address(address: str | None, flag: str) -> str | None:
+    """A ``host:port`` Ray address answers a TCP connection within seconds: Ray's own
+    client retries an unreachable GCS for minutes before it gives up. ``auto``, ``ray://``
+    (Ray Client) and no address (a new local cluster) are left to Ray, which fails fast."""
+    if address is None or address == "auto" or "://" in address:
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{flag} {address}: give host:port, auto, or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+            "with `ray start --head` or give its address"
+        ) from None
+    return address

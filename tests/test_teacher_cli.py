@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from distillcache.cli import app
 from distillcache.flags import flag
 from distillcache.services.teacher.cli import CACHE_SETTINGS, cache, serve
-from distillcache.services.teacher.settings import TeacherSettings
+from distillcache.services.teacher.settings import ScaleOut, TeacherSettings
 from distillcache.shared.schema import Sampling
 
 runner = CliRunner()
@@ -29,11 +29,11 @@ def test_serve_has_a_flag_for_every_setting_and_nothing_else():
 def test_cache_flags_are_its_own_a_named_subset_of_the_settings_and_the_sampling():
     parameters = set(inspect.signature(cache).parameters)
     own = {"input", "teacher", "out", "k", "max_failures"}
-    assert parameters == {*own, *CACHE_SETTINGS, *Sampling.model_fields}
+    assert parameters == {*own, *CACHE_SETTINGS, *Sampling.model_fields, *ScaleOut.model_fields}
     assert set(CACHE_SETTINGS) <= set(TeacherSettings.model_fields)
     result = runner.invoke(app, ["cache", "--help"], env=WIDE)
     assert result.exit_code == 0
-    for name in [*CACHE_SETTINGS, *Sampling.model_fields]:
+    for name in [*CACHE_SETTINGS, *Sampling.model_fields, *ScaleOut.model_fields]:
         assert flag(name) in result.output
 
 

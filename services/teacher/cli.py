@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from distillcache.flags import flag, given, options
 from distillcache.shared.schema import Sampling
 
-from .settings import TeacherSettings
+from .settings import ScaleOut, TeacherSettings
 
 ENV_PREFIX = "DISTILL_"
 # The settings `distill cache` takes as flags; the rest (host, port, queue...) are the
@@ -94,7 +94,7 @@ serve.__signature__ = inspect.Signature(options(TeacherSettings, env_prefix=ENV_
 def cache(
     input: Path,
     teacher: str,
-    out: Path,
+    out: str,
     k: int | None = None,
     max_failures: int = 0,
     **flags: Any,
@@ -107,12 +107,24 @@ def cache(
 
     # soft_wrap: row errors and the summary stay one line each, for logs and grep.
     console = Console(stderr=True, soft_wrap=True)
-    out = out.resolve()
+    from distillcache.shared.storage import is_uri
+
+    chosen = given(flags)
+    scale = _valid(ScaleOut, {n: v for n, v in chosen.items() if n in ScaleOut.model_fields})
+    remote = is_uri(out)
+    if remote and not scale.ray:
+        raise typer.BadParameter(
+            f"{out}: a dataset on object storage is written by a --ray capture; add --ray",
+            param_hint="--out",
+        )
+    # A remote dataset's workers keep their runtime state in scratch directories; the
+    # data root is then this machine's working directory, which nothing writes to.
+    out = out if remote else Path(out).resolve()
+    name = out.rstrip("/").rsplit("/", 1)[-1] if remote else out.name
     try:
-        check_dataset_name(out.name)
+        check_dataset_name(name)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--out") from None
-    chosen = given(flags)
     sampling = _valid(Sampling, {n: v for n, v in chosen.items() if n in Sampling.model_fields})
     settings = _valid(
         TeacherSettings,
@@ -120,7 +132,7 @@ def cache(
             **{n: v for n, v in chosen.items() if n in CACHE_SETTINGS},
             **given({"max_k": k, "default_k": k}),
             "model": teacher,
-            "data_root": out.parent,
+            "data_root": Path.cwd() if remote else out.parent,
         },
     )
     # Everything that can be checked before the teacher loads.
@@ -129,25 +141,32 @@ def cache(
     vocab = preflight.vocab_size(teacher)
     if vocab is not None and settings.default_k > vocab:
         raise ValueError(f"--k {settings.default_k}: the teacher's vocabulary has {vocab} tokens")
-    preflight.writable(out, "--out")
+    if scale.ray:
+        preflight.ray_address(scale.ray_address, "--ray-address")
+    if not remote:
+        preflight.writable(out, "--out")
     _check_existing_dataset(out, settings, sampling)
-    console.print(
-        f"data root {out.parent} (its other datasets serve as cache; state in "
-        f"{out.parent / '.distill'})"
-    )
-    job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
-    p = job.progress
-    for error in job.errors:
+    if not remote:
+        console.print(
+            f"data root {out.parent} (its other datasets serve as cache; state in "
+            f"{out.parent / '.distill'})"
+        )
+    if scale.ray:
+        state, message, p, errors = _cache_on_ray(settings, input, out, sampling, scale, console)
+    else:
+        job = asyncio.run(_cache(settings, input.resolve(), out.name, sampling, console))
+        state, message, p, errors = job.state, job.message, job.progress, job.errors
+    for error in errors:
         console.print(f"[yellow]{input}:{error.line}:[/yellow] {error.message}")
-    if p.rows_failed > len(job.errors):
-        console.print(f"... and {p.rows_failed - len(job.errors)} more row errors")
+    if p.rows_failed > len(errors):
+        console.print(f"... and {p.rows_failed - len(errors)} more row errors")
     console.print(
-        f"{job.state}: {p.rows_done} rows; {p.rows_teacher} by the teacher "
+        f"{state}: {p.rows_done} rows; {p.rows_teacher} by the teacher "
         f"({p.teacher_tokens} tokens), {p.rows_cached} from the cache ({p.cached_tokens} "
         f"tokens), {p.rows_present} already in {out}, {p.rows_failed} failed"
     )
-    if job.state != "done":
-        console.print(f"[red]error:[/red] {job.message}")
+    if state != "done":
+        console.print(f"[red]error:[/red] {message}")
         raise typer.Exit(1)
     if p.rows_failed > max_failures:
         console.print(
@@ -156,7 +175,7 @@ def cache(
         raise typer.Exit(1)
 
 
-def _check_existing_dataset(out: Path, settings: TeacherSettings, sampling: Sampling) -> None:
+def _check_existing_dataset(out: Path | str, settings: TeacherSettings, sampling: Sampling) -> None:
     """One dataset, one set of settings: a rerun with another k, codec or sampling would
     mix rows made differently under metadata that names only the first."""
     from distillcache.shared.manifest import DatasetError, read_manifest
@@ -210,10 +229,10 @@ cache.__signature__ = inspect.Signature(
             "out",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=Annotated[
-                Path,
+                str,
                 typer.Option(
                     help="Dataset directory; its parent is the data root, whose other "
-                    "datasets serve as cache."
+                    "datasets serve as cache. With --ray, also s3://BUCKET/PREFIX/NAME."
                 ),
             ],
         ),
@@ -245,16 +264,56 @@ cache.__signature__ = inspect.Signature(
         ),
         *options(Sampling),
         *options(TeacherSettings, CACHE_SETTINGS, env_prefix=ENV_PREFIX),
+        *options(ScaleOut),
     ]
 )
+
+
+def _cache_on_ray(
+    settings: TeacherSettings,
+    input: Path,
+    out: Path | str,
+    sampling: Sampling,
+    scale: ScaleOut,
+    console: Any,
+) -> tuple[str, str | None, Any, list[Any]]:
+    """`distill cache --ray`: the capture planned here, answered by Ray workers
+    (scaleout.py), with the same progress bar and summary as the in-process job."""
+    try:
+        import ray  # noqa: F401 - checked before anything starts
+    except ImportError:
+        raise typer.BadParameter(
+            "Ray is not installed: pip install 'distillcache[ray]'", param_hint="--ray"
+        ) from None
+    from .jobs import JobProgress, JobSpec
+    from .scaleout import run_capture
+
+    spec = JobSpec(
+        input=str(input.resolve()),
+        output=out if isinstance(out, str) else out.name,
+        k=settings.default_k,
+        **sampling.model_dump(),
+    )
+    with _progress_bar(console) as show:
+        task = show.add_task(
+            f"caching {input.name} on {scale.workers} Ray workers", total=None, counts=""
+        )
+        try:
+            result = run_capture(settings, spec, scale, on_progress=lambda p: _show(show, task, p))
+        except RuntimeError as e:
+            return "failed", str(e), JobProgress(), []
+    if result.workers_restarted or result.workers_lost:
+        console.print(
+            f"{result.workers_restarted} workers restarted, {result.workers_lost} lost; "
+            f"{result.rows_recomputed} rows they had not published were computed again"
+        )
+    return "done", None, result.progress, result.errors
 
 
 async def _cache(
     settings: TeacherSettings, input: Path, output: str, sampling: Sampling, console: Any
 ) -> Any:
     """The job path of the service, in-process: the runtime, then ``execute_job``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .job_runner import execute_job
     from .jobs import JobSpec
     from .metrics import ServiceMetrics
@@ -275,32 +334,37 @@ async def _cache(
         # Rerunning the same command takes over its unfinished job, so its id stays.
         job = next((j for j in runtime.jobs.unfinished("cli") if j.spec == spec), None)
         job = job or runtime.jobs.create(spec, "cli")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[counts]}"),
-            console=console,
-        ) as bar:
+        with _progress_bar(console) as bar:
             task = bar.add_task(f"caching {input.name}", total=None, counts="")
-
-            def show(job: Any) -> None:
-                p = job.progress
-                bar.update(
-                    task,
-                    total=p.rows_total,
-                    completed=p.rows_done,
-                    counts=f"teacher {p.rows_teacher}  cache {p.rows_cached}  "
-                    f"present {p.rows_present}  errors {p.rows_failed}",
-                )
-
             return await execute_job(
                 runtime.service,
                 runtime.jobs,
                 job.id,
                 chunk_rows=settings.job_chunk_rows,
-                on_progress=show,
+                on_progress=lambda job: _show(bar, task, job.progress),
             )
     finally:
         await runtime.close()
+
+
+def _progress_bar(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[counts]}"),
+        console=console,
+    )
+
+
+def _show(bar: Any, task: Any, p: Any) -> None:
+    bar.update(
+        task,
+        total=p.rows_total,
+        completed=p.rows_done,
+        counts=f"teacher {p.rows_teacher}  cache {p.rows_cached}  "
+        f"present {p.rows_present}  errors {p.rows_failed}",
+    )

@@ -17,10 +17,10 @@ from pathlib import Path
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
-from distillcache.shared.keys import tokenizer_hash
+from distillcache.shared.keys import cache_key, tokenizer_hash
 from distillcache.shared.schema import DatasetInfo, LogprobCodec, Sampling
 
-from .backend import TeacherBackend
+from .backend import Query, TeacherBackend
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 # Besides the weights, these files change what a checkpoint computes or where it stops.
@@ -146,6 +146,20 @@ class TeacherIdentity:
             backend=backend.name,
             backend_version=backend.version,
             dtype=backend.dtype,
+        )
+
+    def key(self, query: Query) -> str:
+        """The cache key of ``query`` to this teacher (shared/keys.py): the one definition
+        the service, batch jobs and the scale-out planner all key rows by."""
+        return cache_key(
+            teacher=self.weights,
+            numerics=self.numerics,
+            tokenizer_hash=self.tokenizer_hash,
+            prompt_ids=query.prompt_ids,
+            mode=query.mode,
+            k=query.k,
+            sampling=query.key_sampling(),
+            completion_ids=query.completion_ids if query.mode == "score" else None,
         )
 
     def dataset_info(self, k: int, codec: LogprobCodec, sampling: Sampling | None) -> DatasetInfo:

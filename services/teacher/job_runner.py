@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from distillcache.shared.inputs import (
     InputError,
@@ -34,7 +35,7 @@ from distillcache.shared.inputs import (
 
 from .backend import Query
 from .jobs import Job, JobProgress, JobRowError, JobSpec, JobStore
-from .limits import QueryError
+from .limits import Limits, QueryError
 from .service import TeacherService
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ async def execute_job(
         await asyncio.to_thread(store.open_dataset, spec.output, spec.k, spec.as_sampling())
         if job.origin == "service":
             _confine(spec.input, store.data_root)
-        progress.rows_total = await asyncio.to_thread(_count_rows, spec.input)
+        progress.rows_total = await asyncio.to_thread(count_rows, spec.input)
         jobs.save_progress(job_id, progress, [])
         rows = iter_input_rows(spec.input)
         while cancel is None or not cancel.is_set():
@@ -96,7 +97,9 @@ async def _run_step(
     progress: JobProgress,
 ) -> list[JobRowError]:
     """One chunk of rows: render, skip what the output holds, answer the rest, count."""
-    queries, rows, errors = await asyncio.to_thread(_prepare, service, spec, chunk)
+    queries, rows, errors = await asyncio.to_thread(
+        prepare_rows, service.backend.tokenizer, service.limits, spec, chunk
+    )
     keys = [service.key(q) for q in queries]
     present = await asyncio.to_thread(service.store.contains, spec.output, keys)
     todo: dict[str, int] = {}
@@ -126,10 +129,12 @@ async def _run_step(
     return errors
 
 
-def _prepare(
-    service: TeacherService, spec: JobSpec, chunk: list[InputRow | InputError]
+def prepare_rows(
+    tokenizer: Any, limits: Limits, spec: JobSpec, chunk: list[InputRow | InputError]
 ) -> tuple[list[Query], list[InputRow], list[JobRowError]]:
-    """Rows -> checked queries (tokenizing off the event loop); bad rows -> errors."""
+    """Rows -> queries checked against the teacher's ``limits``; bad rows -> errors. A
+    job runs it off the event loop; the scale-out planner (scaleout.py) runs it too, with
+    its workers' tokenizer, so a row becomes the same query on either path."""
     errors: list[JobRowError] = []
     queries: list[Query] = []
     rows: list[InputRow] = []
@@ -138,8 +143,8 @@ def _prepare(
             errors.append(JobRowError(line=item.line, message=item.message))
             continue
         try:
-            query = _query(service, spec, item)
-            service.limits.check(query)
+            query = _query(tokenizer, spec, item)
+            limits.check(query)
         except (QueryError, ValueError) as e:
             errors.append(JobRowError(line=item.line, message=str(e)))
             continue
@@ -148,8 +153,7 @@ def _prepare(
     return queries, rows, errors
 
 
-def _query(service: TeacherService, spec: JobSpec, row: InputRow) -> Query:
-    tokenizer = service.backend.tokenizer
+def _query(tokenizer: Any, spec: JobSpec, row: InputRow) -> Query:
     prompt = tuple(render_prompt(tokenizer, row.messages))
     if row.completion is None:
         return Query("generate", prompt, spec.k, sampling=spec.as_sampling())
@@ -164,7 +168,7 @@ def _confine(path: str, data_root: Path) -> None:
         raise PermissionError(f"input {path} now leads outside the data root")
 
 
-def _count_rows(path: str) -> int:
+def count_rows(path: str) -> int:
     return sum(1 for _ in iter_input_rows(path))
 
 

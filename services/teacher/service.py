@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from distillcache.shared.keys import cache_key
 from distillcache.shared.manifest import DatasetError
 from distillcache.shared.record import SequenceRecord
 
@@ -76,17 +75,7 @@ class TeacherService:
         self._flights: dict[str, asyncio.Future[_Fresh]] = {}
 
     def key(self, query: Query) -> str:
-        ident = self.store.identity
-        return cache_key(
-            teacher=ident.weights,
-            numerics=ident.numerics,
-            tokenizer_hash=ident.tokenizer_hash,
-            prompt_ids=query.prompt_ids,
-            mode=query.mode,
-            k=query.k,
-            sampling=query.key_sampling(),
-            completion_ids=query.completion_ids if query.mode == "score" else None,
-        )
+        return self.store.identity.key(query)
 
     async def answer(
         self,

@@ -6,6 +6,9 @@ directly and the Docker image sets the same fields through the environment
 (``DISTILL_BACKEND``, ``DISTILL_MODEL``, ``DISTILL_DATA_ROOT``, ``DISTILL_HOST``,
 ``DISTILL_PORT``, ``DISTILL_MAX_K``, ``DISTILL_AUTH_TOKEN``, ``DISTILL_QUEUE_SIZE``, ...).
 Flags win over the environment, which wins over the defaults.
+
+``ScaleOut`` holds `distill cache`'s choice of where to run (in-process, or on Ray
+workers: scaleout.py); it is not a service setting, so it has no environment variables.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillcache.shared.schema import LogprobCodec
@@ -150,3 +153,25 @@ class TeacherSettings(BaseSettings):
     def token(self) -> str | None:
         """The bearer token the gate requires, or None: auth is off (an empty token is none)."""
         return (self.auth_token.get_secret_value() if self.auth_token else None) or None
+
+
+class ScaleOut(BaseModel):
+    """Where `distill cache` runs: in-process (default) or on a Ray cluster."""
+
+    ray: bool = Field(
+        False,
+        description="Run the capture on a Ray cluster: the rows are planned here and "
+        "answered by --workers teacher workers, each with its own backend and writer.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="With --ray: the cluster to join ('auto': the one this machine belongs "
+        "to, ray://host:10001 ...; default: start a local one).",
+    )
+    workers: int = Field(1, ge=1, description="With --ray: teacher workers (Ray actors).")
+    worker_cpus: float = Field(
+        1.0, gt=0, description="With --ray: CPUs each worker reserves (torch threads on CPU)."
+    )
+    worker_gpus: float = Field(
+        0.0, ge=0, description="With --ray: GPUs each worker reserves (1 for vLLM on GPUs)."
+    )
