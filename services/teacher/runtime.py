@@ -82,6 +82,7 @@ async def build_runtime(
             flush_rows=settings.flush_rows,
             flush_seconds=settings.flush_seconds,
             row_group_tokens=settings.row_group_tokens,
+            adaptive=settings.adaptive_k,
         )
         jobs = JobStore(store.state_dir / "jobs.sqlite")
     except BaseException:
