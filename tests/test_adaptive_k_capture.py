@@ -191,3 +191,34 @@ def test_an_http_job_writes_an_adaptive_dataset(client, server):
         assert (kept >= RULE.min_k).all() and (kept <= K).all()
         smallest = np.where(row.topk_ids != PAD_ID, row.topk_logprobs, np.inf).min(axis=1)
         assert ((np.exp(smallest) >= RULE.min_prob) | (kept == RULE.min_k)).all()
+
+
+def test_the_on_policy_client_reads_an_adaptive_teachers_scores_padded(client, server):
+    from distillcache.trainer.teacher_client import TeacherClient
+
+    prompt = client.post(
+        "/v1/generate", json={"prompt": "What is 6 + 1?", "max_tokens": 5, "k": K}
+    ).json()
+    pair = {
+        "prompt_ids": prompt["prompt_ids"],
+        "completion_ids": prompt["completion_ids"],
+        "score_ids": [[3, 4]] * len(prompt["completion_ids"]),
+    }
+    teacher = TeacherClient(server.url)
+    try:
+        [seq], _ = teacher.score([pair], k=K, dataset=None)
+    finally:
+        teacher.close()
+    as_json = client.post("/v1/score", json={"pairs": [pair], "k": K}).json()["results"][0]
+    assert seq.topk_ids.shape == (len(pair["completion_ids"]), K)
+    for ids, lps, want_ids, want_lps in zip(
+        seq.topk_ids, seq.topk_logprobs, as_json["topk_ids"], as_json["topk_logprobs"],
+        strict=True,
+    ):  # fmt: skip
+        real = ids != PAD_ID
+        assert real.sum() == len(want_ids)
+        assert np.isneginf(lps[~real]).all()
+        assert dict(zip(ids[real].tolist(), lps[real].tolist(), strict=True)) == pytest.approx(
+            dict(zip(want_ids, want_lps, strict=True))
+        )
+    assert seq.score_logprobs.shape == (len(pair["completion_ids"]), 2)

@@ -341,6 +341,7 @@ def union_teacher_log_probs(
     score_logprobs: torch.Tensor,
     vocab_size: int,
     temperature: float,
+    topk_empty: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The teacher on the union of its top-k and the student's ids, plus a tail bucket.
 
@@ -353,7 +354,9 @@ def union_teacher_log_probs(
     (None at T=1). The log-probs are floored like ``teacher_log_probs``'; the bucket's
     mass is what the union leaves, ``1 - sum_U q``. At T != 1 the bucket is softened as a
     Zipf tail continuing from the teacher's top-k (``zipf_tail_entropy`` over the V - s
-    ranks the student's ids do not take).
+    ranks the student's ids do not take). ``topk_empty`` [N, k]: the top-k slots that are
+    adaptive-k padding (a repeat of a kept id, so the union empties them); the Zipf tail
+    then continues from each position's own kept entries.
     """
     ids = torch.cat([topk_ids, score_ids], dim=-1)
     raw = torch.cat([topk_logprobs, score_logprobs], dim=-1)
@@ -369,7 +372,7 @@ def union_teacher_log_probs(
     tail_entropy = None
     if temperature != 1.0:
         tail_entropy = zipf_tail_entropy(
-            topk_logprobs, rest, vocab_size - score_ids.shape[-1], temperature
+            topk_logprobs, rest, vocab_size - score_ids.shape[-1], temperature, topk_empty
         )
     outcomes = torch.cat([values, rest.unsqueeze(-1)], dim=-1)
     teacher = _tempered(outcomes, temperature, tail_entropy)

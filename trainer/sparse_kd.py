@@ -326,9 +326,15 @@ def union_head_loss(
         raise ValueError("the on-policy loss needs a divergence; 'sft' has none")
     # An adaptive-k teacher's padding trails each position's entries (shared.reader's
     # layout); as a repeat of a kept id it is the later slot, which the union empties.
-    topk_ids, _ = unpadded(topk_ids)
+    topk_ids, padding = unpadded(topk_ids)
     ids, empty, teacher, tail_entropy = union_teacher_log_probs(
-        topk_ids, topk_logprobs, score_ids, score_logprobs, spec.vocab_size, spec.temperature
+        topk_ids,
+        topk_logprobs,
+        score_ids,
+        score_logprobs,
+        spec.vocab_size,
+        spec.temperature,
+        padding,
     )
     return _sparse_head(hidden, weight, labels, ids, teacher, tail_entropy, empty, "bucket", spec)
 
