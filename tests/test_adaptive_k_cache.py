@@ -219,3 +219,25 @@ def test_a_rule_that_covers_another_keeps_at_least_its_entries_everywhere(data, 
     # And a rule that keeps fewer entries somewhere must not count as covering.
     if (kept < need).any():
         assert not adaptive_answers(stored, wanted)
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "cbrt-u8"])
+def test_an_http_answer_lists_only_the_kept_entries_most_likely_first(codec):
+    """The padding is no entry in the JSON answer, whatever the codec makes of its -inf
+    (cbrt-u8's smallest code decodes to a number)."""
+    from distillcache.services.teacher.protocol import AnswerResponse
+    from distillcache.services.teacher.store import Answer
+    from distillcache.shared.codec import decode_logprobs, encode_logprobs
+
+    full = record(3)
+    # A sure position: min_k keeps an entry so unlikely (1e-12) that cbrt-u8 stores it
+    # as code 0, the code the padding's -inf gets too.
+    full.topk_logprobs[0] = np.log(np.float32([1.0 - 7e-12] + [1e-12] * (K - 1)))
+    cut = adaptive_cut(full, WIDE)
+    response = AnswerResponse.of(Answer(cut, False, None), codec)
+    assert len(response.topk_ids[0]) == WIDE.min_k
+    for j, (want, _) in enumerate(kept_by(full, WIDE)):
+        ids = [int(i) for i in sorted(want, key=lambda i: (-want[i], i))]
+        coded = decode_logprobs(encode_logprobs(np.float32([want[i] for i in ids]), codec), codec)
+        assert response.topk_ids[j] == ids
+        assert response.topk_logprobs[j] == pytest.approx(coded.tolist())

@@ -212,12 +212,14 @@ class AnswerResponse(BaseModel):
         """An answer as the API returns it: through the store's codec, so a fresh answer
         reads as its cached copy will; most likely first; -inf as null (JSON has none)."""
         r = answer.record
+        # Adaptive k's padding (id -1) is no entry: sorted last whatever its value (a
+        # one-byte codec turns its -inf into a number), then cut off.
+        padded = r.topk_ids == PAD_ID
         lps = decode_logprobs(encode_logprobs(r.topk_logprobs, codec), codec)
-        order = np.lexsort((r.topk_ids, -lps), axis=-1)
+        order = np.lexsort((r.topk_ids, -lps, padded), axis=-1)
         ids = np.take_along_axis(r.topk_ids, order, axis=-1)
         lps = np.take_along_axis(lps, order, axis=-1)
-        # Adaptive k's padding (id -1, log-prob -inf) sorts last and is no entry.
-        kept = (ids != PAD_ID).sum(axis=-1).tolist()
+        kept = (~padded).sum(axis=-1).tolist()
         return cls(
             key=r.key,
             cached=answer.cached,
