@@ -222,3 +222,26 @@ def test_the_on_policy_client_reads_an_adaptive_teachers_scores_padded(client, s
             dict(zip(want_ids, want_lps, strict=True))
         )
     assert seq.score_logprobs.shape == (len(pair["completion_ids"]), 2)
+
+
+def test_the_vllm_drop_in_lists_each_positions_kept_entries(client):
+    """/v1/completions with prompt_logprobs: per position, the entries the rule kept (by
+    rank, as /v1/score lists them), plus the actual token when it was dropped."""
+    ids = client.post(
+        "/v1/generate", json={"prompt": "What is 9 + 9?", "max_tokens": 4, "k": K}
+    ).json()
+    seq = ids["prompt_ids"] + ids["completion_ids"]
+    body = {"prompt": seq, "echo": True, "max_tokens": 0, "prompt_logprobs": K}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    positions = response.json()["choices"][0]["prompt_logprobs"][1:]
+    pair = {"prompt_ids": seq[:1], "completion_ids": seq[1:]}
+    ref = client.post("/v1/score", json={"pairs": [pair], "k": K}).json()["results"][0]
+    assert len(positions) == len(ref["topk_ids"])
+    assert len({len(kept) for kept in ref["topk_ids"]}) > 1, "positions should keep various k"
+    for j, position in enumerate(positions):
+        ranked = sorted(position.items(), key=lambda item: item[1]["rank"])
+        kept = ref["topk_ids"][j]
+        assert [int(t) for t, _ in ranked[: len(kept)]] == kept
+        extra = [int(t) for t, _ in ranked[len(kept) :]]
+        assert extra in ([], [seq[j + 1]]) and PAD_ID not in extra
