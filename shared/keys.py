@@ -9,7 +9,9 @@ scoring, k, and the sampling parameters (normalised by the caller: a greedy requ
 no seed). Fields that do not change the answer (a request id, whether to store it, the
 path a model was loaded from) are deliberately left out, so that the teacher never runs
 twice for one answer. The log-prob codec is not in the key either: rows of any codec
-answer a request whose codec is no more exact than theirs (the store checks that).
+answer a request whose codec is no more exact than theirs (the store checks that). Nor is
+the adaptive-k rule: it says which of the teacher's top-k entries a dataset keeps, and a
+row answers a store whose rule keeps no more than its own (``schema.adaptive_answers``).
 """
 
 from __future__ import annotations

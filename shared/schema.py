@@ -269,6 +269,34 @@ class AdaptiveK(BaseModel):
             raise ValueError("adaptive k needs mass, min_prob or both")
         return self
 
+    def covers(self, other: AdaptiveK) -> bool:
+        """Whether this rule keeps, at every position, at least the entries ``other`` keeps.
+
+        Each part of the rule only ever raises a position's count, and it does so
+        monotonically in its parameter, so part by part is enough: at least ``other``'s
+        ``min_k``, a ``mass`` at least ``other``'s, a ``min_prob`` at most ``other``'s
+        (a part ``other`` leaves out asks for nothing). Cutting this rule's rows with
+        ``other`` then gives what ``other`` keeps of the full top-k: the entries it drops
+        were never among those.
+        """
+        return (
+            self.min_k >= other.min_k
+            and (other.mass is None or (self.mass is not None and self.mass >= other.mass))
+            and (
+                other.min_prob is None
+                or (self.min_prob is not None and self.min_prob <= other.min_prob)
+            )
+        )
+
+
+def adaptive_answers(stored: AdaptiveK | None, wanted: AdaptiveK | None) -> bool:
+    """Whether rows stored under rule ``stored`` (None: every entry of the top-k) can
+    answer a request for rule ``wanted`` (None: the full top-k): a full top-k answers any
+    rule (cut on the way), a cut row only a rule it covers, never a full top-k."""
+    if stored is None:
+        return True
+    return wanted is not None and stored.covers(wanted)
+
 
 class DatasetInfo(BaseModel):
     """What a dataset holds and how it was made; stored in every shard and the manifest.

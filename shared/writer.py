@@ -20,6 +20,7 @@ counts. The price is memory: the unpublished shard's rows, about 2-3x its compre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import socket
@@ -284,10 +285,32 @@ def adaptive_counts(raw: np.ndarray, rule: AdaptiveK) -> tuple[np.ndarray, np.nd
         wanted = np.maximum(wanted, (np.cumsum(p, axis=1) < rule.mass).sum(axis=1) + 1)
     if rule.min_prob is not None:
         wanted = np.maximum(wanted, (p >= rule.min_prob).sum(axis=1))
-    counts = np.clip(wanted, rule.min_k, k)
+    # Never more than the finite entries: a row read from a dataset cut by a wider rule
+    # is padded with -inf, which is no entry.
+    counts = np.minimum(np.clip(wanted, rule.min_k, k), np.isfinite(raw).sum(axis=1))
     with np.errstate(divide="ignore"):
         dropped = np.log(np.where(np.arange(k) >= counts[:, None], p, 0.0).sum(axis=1))
     return counts, dropped.astype(np.float32)
+
+
+def adaptive_cut(record: SequenceRecord, rule: AdaptiveK) -> SequenceRecord:
+    """``record`` as a dataset with ``rule`` stores it: each position's kept entries first
+    (most likely first), the rest padded (id ``PAD_ID``, log-prob -inf, as
+    ``shared.reader`` decodes them) and their mass added to the tail. Cutting a cut record
+    again with the same rule changes nothing."""
+    from .reader import PAD_ID  # here: the reader imports this module
+
+    raw = record.topk_logprobs
+    counts, dropped = adaptive_counts(raw, rule)
+    order = np.argsort(-raw, axis=1, kind="stable")
+    keep = np.arange(raw.shape[1]) < counts[:, None]
+    ids = np.where(keep, np.take_along_axis(record.topk_ids, order, axis=1), PAD_ID)
+    lps = np.where(keep, np.take_along_axis(raw, order, axis=1), -np.inf).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        tail = np.logaddexp(record.tail_logprob, dropped).astype(np.float32)
+    return dataclasses.replace(
+        record, topk_ids=ids.astype(np.int32), topk_logprobs=lps, tail_logprob=tail
+    )
 
 
 def records_to_table(

@@ -142,17 +142,28 @@ def test_an_adaptive_dataset_opens_as_it_is_in_every_ecosystem_reader(tmp_path):
         assert _by_key(columns) == want, reader
 
 
-def test_the_trainer_refuses_an_adaptive_dataset_with_a_clear_error(tmp_path):
+def test_the_trainer_reads_each_position_padded_and_cross_tokenizer_refuses_it(tmp_path):
     from distillcache.shared.manifest import DatasetError
+    from distillcache.trainer.aligned_data import AlignedShardSource
     from distillcache.trainer.stream import ShardSource
 
     rng = np.random.default_rng(0)
-    with ShardWriter(tmp_path, make_info(K, adaptive=AdaptiveK(mass=0.5))) as writer:
-        writer.write(make_record(rng, "k", K, 2, 3))
-    with pytest.raises(DatasetError, match="adaptive k.*--loss sft"):
-        ShardSource(tmp_path)
-    ids_only = ShardSource(tmp_path, with_teacher=False)
-    assert [e.key for e in ids_only.load(ids_only.units()[0])] == ["k"]
+    rule = AdaptiveK(mass=0.5)
+    record = make_record(rng, "k", K, 2, 5)
+    with ShardWriter(tmp_path, make_info(K, adaptive=rule)) as writer:
+        writer.write(record)
+    source = ShardSource(tmp_path)
+    [example] = source.load(source.units()[0])
+    for j, (ids, lps, tail) in enumerate(reference(record, rule)):
+        n = len(ids)
+        assert example.topk_ids[j, :n].tolist() == ids
+        np.testing.assert_array_equal(example.topk_logprobs[j, :n], np.float32(lps))
+        assert (example.topk_ids[j, n:] == PAD_ID).all()
+        assert np.isneginf(example.topk_logprobs[j, n:]).all()
+        assert example.tail_logprob[j] == pytest.approx(tail, rel=1e-5, abs=1e-6)
+    # The alignment reads id -1 as an unmatched student id: refused before it can.
+    with pytest.raises(DatasetError, match="adaptive k.*across tokenizers.*fixed k"):
+        AlignedShardSource(tmp_path, retokenizer=None)
 
 
 def test_exporting_an_adaptive_dataset_keeps_every_position_as_it_was(tmp_path):

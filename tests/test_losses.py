@@ -135,6 +135,64 @@ def test_chunked_head_loss_and_gradients_equal_naive_dense_kd(name, tail, k):
     torch.testing.assert_close(w_got.grad.double(), w_ref.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_adaptive_k_padding_equals_naive_dense_kd_on_each_positions_own_k(name, tail, temperature):
+    """An adaptive-k batch (each position its own k, padded with id -1 and -inf, as
+    shared.reader decodes it) against the dense reference run position by position with
+    that position's k: the padding must be no outcome, on either side, at any T."""
+    vocab, width = 40, 9
+    h, w, teacher_logits, labels = random_problem(n=11, vocab=vocab, seed=3)
+    spec = LossSpec(
+        vocab_size=vocab,
+        loss=name,
+        beta=0.4,
+        temperature=temperature,
+        alpha=0.25,
+        tail=tail,
+        chunk_size=4,
+    )
+    counts = [1, 9, 3, 5, 2, 9, 4, 1, 7, 6, 8]
+    g = torch.Generator().manual_seed(7)
+    h_ref, w_ref = h.clone().double().requires_grad_(), w.clone().double().requires_grad_()
+    ids = torch.full((len(counts), width), -1, dtype=torch.long)
+    values = torch.full((len(counts), width), float("-inf"))
+    tails = torch.empty(len(counts))
+    want = torch.zeros((), dtype=torch.float64)
+    for j, n in enumerate(counts):
+        row = slice(j, j + 1)
+        loss, (kept, lps, tail_lp) = dense_reference_loss(
+            h_ref[row], w_ref, labels[row], teacher_logits[row], n, spec
+        )
+        want = want + loss
+        # The kept entries in any order, the padding after them (the reader's layout).
+        order = torch.randperm(n, generator=g)
+        ids[j, :n], values[j, :n], tails[j] = kept[0, order], lps[0, order], tail_lp[0]
+    want.backward()
+    h_got, w_got = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got, _ = chunked_head_loss(h_got, w_got, labels, ids, values, tails, spec)
+    got.backward()
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_got.grad.double(), h_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_got.grad.double(), w_ref.grad, atol=1e-5, rtol=1e-5)
+    # Evaluation's KL is the same forward KL at T=1 with a tail bucket.
+    metric_spec = LossSpec(vocab_size=vocab, loss="forward_kl", tail="bucket")
+    kl = sum(
+        dense_reference_loss(
+            h[j : j + 1].double(),
+            w.double(),
+            labels[j : j + 1],
+            teacher_logits[j : j + 1],
+            n,
+            metric_spec,
+        )[0].item()
+        for j, n in enumerate(counts)
+    )
+    totals = chunked_head_metrics(h, w, labels, ids, values, tails, vocab, chunk_size=4)
+    assert totals[0].item() == pytest.approx(kl, rel=1e-5, abs=1e-5)
+
+
 def test_sft_loss_is_summed_cross_entropy_with_its_gradients():
     h, w, _, labels = random_problem()
     spec = LossSpec(vocab_size=40, loss="sft", chunk_size=5)

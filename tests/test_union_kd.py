@@ -190,3 +190,32 @@ def test_the_union_divergence_vanishes_for_a_student_equal_to_the_teacher(vocab,
                 hidden[n : n + 1], eye, labels[n : n + 1], *[a[n : n + 1] for a in answer], spec
             )
             assert abs(loss.item()) < 1e-5, (name, n, loss.item())
+
+
+@pytest.mark.parametrize(("name", "beta"), DIVERGENCES)
+def test_an_adaptive_k_teachers_padding_is_no_outcome_of_the_union(name, beta):
+    """The teacher keeps its own number of entries per position (adaptive k), padded with
+    id -1 and -inf after them as the score service's Arrow answer decodes: the union is
+    each position's kept ids and the student's, as if the padding were not there."""
+    h, w, teacher_probs, labels = problem(n=9, hidden=8, vocab=40, seed=5)
+    logits = h @ w.T
+    topk_ids, values, score_ids, score_values = service_answer(teacher_probs, logits, k=6, s=4)
+    counts = [1, 6, 3, 2, 5, 4, 1, 6, 2]
+    for n, c in enumerate(counts):
+        topk_ids[n, c:], values[n, c:] = -1, float("-inf")
+    answer = (topk_ids, values, score_ids, score_values)
+    got, _, h_grad, w_grad = trainer_loss(name, beta, h, w, labels, answer)
+
+    def dense(logits):
+        total = 0.0
+        for n, c in enumerate(counts):
+            union = sorted(set(topk_ids[n, :c].tolist()) | set(score_ids[n].tolist()))
+            q = bucketed(teacher_probs[n], union, floor=True)
+            p = bucketed(torch.softmax(logits[n], -1), union, floor=False)
+            total = total + divergence(name, (q / q.sum()).unsqueeze(0), p.unsqueeze(0), beta)
+        return total.sum()
+
+    want, want_h, want_w = reference(dense, h, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_grad, want_h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_grad, want_w, rtol=1e-4, atol=1e-5)

@@ -41,6 +41,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distillcache.shared.keys import tokenizer_hash
+from distillcache.shared.manifest import DatasetError
 from distillcache.shared.reader import RowGroupRef, decode_table
 from distillcache.shared.schema import DatasetInfo
 
@@ -224,6 +225,13 @@ class AlignedShardSource:
     def __init__(self, root: str | Path, retokenizer: Retokenizer) -> None:
         self.shards = ShardSource(root)
         self.dataset, self.info = self.shards.dataset, self.shards.info
+        if self.info.adaptive is not None:
+            # Its positions are padded to k with id -1, which the alignment reads as an
+            # unmatched student id; the chunk loss has no mask for that padding.
+            raise DatasetError(
+                f"{self.dataset.root}: a dataset with adaptive k ({self.info.adaptive}) is not"
+                " supported across tokenizers yet; capture it with a fixed k"
+            )
         self.retokenizer = retokenizer
 
     def units(self) -> list[RowGroupRef]:

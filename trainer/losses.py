@@ -101,6 +101,7 @@ def teacher_log_probs(
     temperature: float,
     tail: TailMode,
     tail_entropy: torch.Tensor | float | None = None,
+    empty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The teacher's log-probs at temperature T over the tail mode's outcomes.
 
@@ -110,9 +111,12 @@ def teacher_log_probs(
     outcomes, which also repairs a stored top-k whose quantized probabilities do not sum
     with the tail to exactly one. ``tail_entropy`` [N] or a number (bucket, T != 1): the
     Renyi entropy of order 1/T assumed for the tail's shape (module docstring); None
-    tempers the tail as one token.
+    tempers the tail as one token. ``empty`` [N, k] marks slots that hold no outcome (the
+    padding of an adaptive-k position): -inf there, never floored.
     """
     logits = _at_least_float32(topk_logprobs).clamp(min=TOPK_FLOOR)
+    if empty is not None:
+        logits = logits.masked_fill(empty, -math.inf)
     if tail == "bucket":
         floored = _at_least_float32(tail_logprob).clamp(min=TAIL_FLOOR)
         logits = torch.cat([logits, floored.unsqueeze(-1)], dim=-1)
@@ -173,7 +177,11 @@ def _log_zipf_sum(b: torch.Tensor, first: int, last: int) -> torch.Tensor:
 
 
 def zipf_tail_entropy(
-    topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, vocab_size: int, temperature: float
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+    empty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Renyi entropy of order 1/T of the tail's shape, under Zipf's law, per position.
 
@@ -183,13 +191,34 @@ def zipf_tail_entropy(
     its mass ``exp(tail_logprob)``; a tail heavier than ``(V - k) p_k`` (possible only
     from quantization or the floors) is spread evenly (``b = 0``). Returns [N] float64
     ``H = (log S(b / T) - log S(b) / T) / (1 - 1/T)`` with ``S(b) = sum_r r**-b``: zero at
-    T=1 (where it does not matter) and when the top-k covers the vocabulary.
+    T=1 (where it does not matter) and when the top-k covers the vocabulary. With
+    ``empty`` [N, k] (adaptive k) a position's k is its number of slots that are not
+    empty, and ``p_k`` the smallest of those.
     """
     k = topk_logprobs.shape[-1]
     tail_log = tail_logprob.double().clamp(min=TAIL_FLOOR)
     if temperature == 1.0 or k >= vocab_size:
         return torch.zeros_like(tail_log)
-    log_pk = topk_logprobs.double().clamp(min=TOPK_FLOOR).amin(dim=-1)
+    values = topk_logprobs.double().clamp(min=TOPK_FLOOR)
+    if empty is None:
+        return _zipf_entropy(values.amin(dim=-1), tail_log, k, vocab_size, temperature)
+    log_pk = values.masked_fill(empty, math.inf).amin(dim=-1)
+    kept = (~empty).sum(dim=-1)
+    out = torch.zeros_like(tail_log)
+    # The ranks a tail starts at differ per position; there are at most k distinct ones.
+    for n in kept.unique().tolist():
+        rows = kept == n
+        out[rows] = _zipf_entropy(log_pk[rows], tail_log[rows], n, vocab_size, temperature)
+    return out
+
+
+def _zipf_entropy(
+    log_pk: torch.Tensor, tail_log: torch.Tensor, k: int, vocab_size: int, temperature: float
+) -> torch.Tensor:
+    """``zipf_tail_entropy`` for positions that all keep ``k`` entries, the smallest
+    ``log_pk`` [N], with tails ``tail_log`` [N] (float64)."""
+    if k >= vocab_size:
+        return torch.zeros_like(tail_log)
     # log mass(b) = log p_k + b log k + log S(b) falls as b grows; bisect mass(b) = tail.
     low = torch.zeros_like(tail_log)
     high = torch.full_like(tail_log, _ZIPF_MAX_EXPONENT)
@@ -312,6 +341,7 @@ def union_teacher_log_probs(
     score_logprobs: torch.Tensor,
     vocab_size: int,
     temperature: float,
+    topk_empty: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The teacher on the union of its top-k and the student's ids, plus a tail bucket.
 
@@ -324,7 +354,9 @@ def union_teacher_log_probs(
     (None at T=1). The log-probs are floored like ``teacher_log_probs``'; the bucket's
     mass is what the union leaves, ``1 - sum_U q``. At T != 1 the bucket is softened as a
     Zipf tail continuing from the teacher's top-k (``zipf_tail_entropy`` over the V - s
-    ranks the student's ids do not take).
+    ranks the student's ids do not take). ``topk_empty`` [N, k]: the top-k slots that are
+    adaptive-k padding (a repeat of a kept id, so the union empties them); the Zipf tail
+    then continues from each position's own kept entries.
     """
     ids = torch.cat([topk_ids, score_ids], dim=-1)
     raw = torch.cat([topk_logprobs, score_logprobs], dim=-1)
@@ -340,7 +372,7 @@ def union_teacher_log_probs(
     tail_entropy = None
     if temperature != 1.0:
         tail_entropy = zipf_tail_entropy(
-            topk_logprobs, rest, vocab_size - score_ids.shape[-1], temperature
+            topk_logprobs, rest, vocab_size - score_ids.shape[-1], temperature, topk_empty
         )
     outcomes = torch.cat([values, rest.unsqueeze(-1)], dim=-1)
     teacher = _tempered(outcomes, temperature, tail_entropy)

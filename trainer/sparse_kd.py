@@ -155,6 +155,21 @@ def head_chunk(
     return loss, kd, ce, grad
 
 
+def unpadded(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ids a gather can take, and the empty slots: the padding of adaptive-k positions.
+
+    A dataset with adaptive k pads each position's entries to k with id -1
+    (``shared.reader.PAD_ID``) and log-prob -inf. The padding becomes a repeat of the
+    position's largest id marked empty, which ``head_chunk`` already handles (the
+    on-policy union's repeated ids): no outcome on either side and zero gradient. Returns
+    ``(topk_ids, None)`` when nothing is padded.
+    """
+    empty = topk_ids < 0
+    if not bool(empty.any()):
+        return topk_ids, None
+    return torch.where(empty, topk_ids.amax(dim=-1, keepdim=True), topk_ids), empty
+
+
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when autocast is on for the device, else the hidden
     states' own. Softmaxes and the weight's gradient stay in float32 either way."""
@@ -254,21 +269,23 @@ def chunked_head_loss(
     ``hidden`` [N, H]: the student's final hidden states at the positions that predict a
     target; ``weight`` [logit width, H]: its output head (rows past ``spec.vocab_size``
     are ignored and get zero gradient); ``labels`` [N]; the teacher's ``topk_ids`` [N, k],
-    raw ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] (None for ``sft``). The loss is
+    raw ``topk_logprobs`` [N, k] and ``tail_logprob`` [N] (None for ``sft``); an adaptive-k
+    position's padding (id -1, log-prob -inf) is an empty slot (``unpadded``). The loss is
     a sum so that the caller can normalize by the tokens of a whole optimizer step.
     At T != 1 the tail bucket is softened as a Zipf tail (``losses.zipf_tail_entropy``).
     """
-    teacher = tail_entropy = None
+    teacher = tail_entropy = empty = None
     if spec.loss != "sft" and topk_ids is not None:
+        topk_ids, empty = unpadded(topk_ids)
         tail = spec.tail_for(topk_ids.shape[-1])
         if tail == "bucket" and spec.temperature != 1.0:
             tail_entropy = zipf_tail_entropy(
-                topk_logprobs, tail_logprob, spec.vocab_size, spec.temperature
+                topk_logprobs, tail_logprob, spec.vocab_size, spec.temperature, empty
             )
         teacher = teacher_log_probs(
-            topk_logprobs, tail_logprob, spec.temperature, tail, tail_entropy
+            topk_logprobs, tail_logprob, spec.temperature, tail, tail_entropy, empty
         )
-    return _sparse_head(hidden, weight, labels, topk_ids, teacher, tail_entropy, None, None, spec)
+    return _sparse_head(hidden, weight, labels, topk_ids, teacher, tail_entropy, empty, None, spec)
 
 
 def union_head_loss(
@@ -307,8 +324,17 @@ def union_head_loss(
     """
     if spec.loss == "sft":
         raise ValueError("the on-policy loss needs a divergence; 'sft' has none")
+    # An adaptive-k teacher's padding trails each position's entries (shared.reader's
+    # layout); as a repeat of a kept id it is the later slot, which the union empties.
+    topk_ids, padding = unpadded(topk_ids)
     ids, empty, teacher, tail_entropy = union_teacher_log_probs(
-        topk_ids, topk_logprobs, score_ids, score_logprobs, spec.vocab_size, spec.temperature
+        topk_ids,
+        topk_logprobs,
+        score_ids,
+        score_logprobs,
+        spec.vocab_size,
+        spec.temperature,
+        padding,
     )
     return _sparse_head(hidden, weight, labels, ids, teacher, tail_entropy, empty, "bucket", spec)
 
@@ -340,9 +366,11 @@ def chunked_head_metrics(
     head = weight[:vocab_size].to(dtype)
     totals = torch.zeros(4, dtype=torch.float64, device=hidden.device)
     teacher = teacher_top1 = None
+    empty = None
     if topk_ids is not None:
+        topk_ids, empty = unpadded(topk_ids)
         tail = spec.tail_for(topk_ids.shape[-1])
-        teacher = teacher_log_probs(topk_logprobs, tail_logprob, 1.0, tail)
+        teacher = teacher_log_probs(topk_logprobs, tail_logprob, 1.0, tail, None, empty)
         teacher_top1 = topk_ids.gather(1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(1)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], chunk_size):
@@ -352,7 +380,10 @@ def chunked_head_metrics(
                 totals[1] += (logits.argmax(-1) == teacher_top1[start:end]).sum()
             ids = None if topk_ids is None else topk_ids[start:end]
             target = None if teacher is None else teacher[start:end]
-            _, kd, ce, _ = head_chunk(logits, labels[start:end], ids, target, spec, want_grad=False)
+            slots = None if empty is None else empty[start:end]
+            _, kd, ce, _ = head_chunk(
+                logits, labels[start:end], ids, target, spec, want_grad=False, empty=slots
+            )
             totals[0] += kd.sum().double()
             totals[2] += ce.sum().double()
     totals[3] = hidden.shape[0]

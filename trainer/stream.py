@@ -104,13 +104,6 @@ class ShardSource:
         self.dataset = ShardDataset(root)
         self.info = self.dataset.info
         self.with_teacher = with_teacher
-        if with_teacher and self.info.adaptive is not None:
-            # Its positions are padded to k with id -1 and log-prob -inf (shared.reader);
-            # the losses have no mask for that padding yet.
-            raise DatasetError(
-                f"{self.dataset.root}: a dataset with adaptive k ({self.info.adaptive}) is not"
-                " supported by the trainer's losses yet; train it with --loss sft"
-            )
 
     def units(self) -> list[RowGroupRef]:
         return self.dataset.row_groups()

@@ -9,7 +9,9 @@ NaN loss or a wrong one, are refused here, when a row group is decoded for train
 - a NaN or ``+inf`` among the top-k log-probs or in the tail: the number was lost; the
   loss would be NaN and, once its gradient reaches the weights, so would the student;
 - an id that occurs twice in one position's top-k: the outcomes of a divergence must be
-  distinct, and a repeated id would count the student's probability of it twice.
+  distinct, and a repeated id would count the student's probability of it twice. The
+  padding of an adaptive-k position (``shared.reader.PAD_ID``, log-prob -inf) is no
+  outcome and may repeat; the losses mask it.
 
 The check is vectorized over the whole row group (a few passes over [positions, k]; ids
 are sorted only in rows not already in the writers' ascending order); it answers with
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from distillcache.shared.manifest import DatasetError
-from distillcache.shared.reader import DecodedBatch
+from distillcache.shared.reader import PAD_ID, DecodedBatch
 
 
 def first_bad_position(
@@ -46,7 +48,7 @@ def first_bad_position(
         # clears almost every row; only the others are sorted to look for a repeat.
         unsorted = np.flatnonzero((topk_ids[:, 1:] <= topk_ids[:, :-1]).any(axis=1))
         ordered = np.sort(topk_ids[unsorted], axis=1)
-        repeated = ordered[:, 1:] == ordered[:, :-1]
+        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != PAD_ID)
         if repeated.any():
             row = int(repeated.any(axis=1).argmax())
             token = int(ordered[row, 1:][repeated[row]][0])

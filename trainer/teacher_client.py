@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
-from distillcache.shared.codec import decode_logprobs
+from distillcache.shared.reader import decode_table
 from distillcache.shared.schema import PARQUET_METADATA_KEY, DatasetInfo
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -141,29 +141,29 @@ class TeacherClient:
 
 
 def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
+    """The Arrow answer, decoded as a shard of its DatasetInfo (``decode_table``: the
+    codec, and adaptive k's padding to k with id -1 and log-prob -inf)."""
     table = pa.ipc.open_stream(content).read_all()
     info = DatasetInfo.model_validate_json(table.schema.metadata[PARQUET_METADATA_KEY])
+    batch = decode_table(table, info)
     call = ScoreCall()
     out = []
-    for row in table.to_pylist():
-        n_prompt = len(row["prompt_ids"])
+    for i, row in enumerate(table.select(["cached", "score_logprobs"]).to_pylist()):
         # Positions from logprob_start; keep those that predict completion tokens.
-        skip = n_prompt - row["logprob_start"]
-        ids = np.asarray(row["topk_ids"], dtype=np.int64)[skip:]
-        lps = decode_logprobs(np.asarray(row["topk_logprobs"]), info.logprob_codec)[skip:]
-        tail = np.asarray(row["tail_logprob"], dtype=np.float32)[skip:]
+        scored = batch.row_completion_positions(i)
+        skip = scored.start - batch.row_positions(i).start
         scores = row["score_logprobs"]
-        n = len(row["completion_ids"])
+        n = len(batch.row_completion(i))
         if row["cached"]:
             call.cached_tokens += n
         else:
             call.scored_tokens += n
         out.append(
             ScoredSequence(
-                key=row["key"],
-                topk_ids=ids,
-                topk_logprobs=lps.astype(np.float32),
-                tail_logprob=tail,
+                key=batch.keys[i],
+                topk_ids=batch.topk_ids[scored].astype(np.int64),
+                topk_logprobs=batch.topk_logprobs[scored].astype(np.float32),
+                tail_logprob=batch.tail_logprob[scored],
                 score_logprobs=None
                 if scores is None
                 else np.asarray(scores, dtype=np.float32)[skip:],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from distillcache.shared.schema import PARQUET_METADATA_KEY, DatasetInfo, shard_schema
+from distillcache.shared.schema import PARQUET_METADATA_KEY, DatasetInfo
 from distillcache.shared.writer import records_to_table
 
 from .store import Answer
@@ -34,8 +34,9 @@ def wants_arrow(accept: str | None) -> bool:
 
 
 def encode_answers(answers: list[Answer], info: DatasetInfo) -> bytes:
-    """One Arrow IPC stream holding ``answers`` (all of top-``info.k``)."""
-    schema = shard_schema(info.k, info.logprob_codec)
+    """One Arrow IPC stream holding ``answers`` (all of top-``info.k``; with adaptive k,
+    each position's kept entries, as a shard of ``info`` holds them)."""
+    schema = info.schema()
     table = records_to_table([a.record for a in answers], schema, info)
     scores = [getattr(a, "score_logprobs", None) for a in answers]
     table = (

@@ -31,6 +31,9 @@ CACHE_SETTINGS = (
     "backend",
     "max_batch_size",
     "logprob_codec",
+    "adaptive_mass",
+    "adaptive_min_prob",
+    "adaptive_min_k",
     "device",
     "dtype",
     "gpu_memory_utilization",
@@ -176,16 +179,20 @@ def cache(
 
 
 def _check_existing_dataset(out: Path | str, settings: TeacherSettings, sampling: Sampling) -> None:
-    """One dataset, one set of settings: a rerun with another k, codec or sampling would
-    mix rows made differently under metadata that names only the first."""
+    """One dataset, one set of settings: a rerun with another k, codec, adaptive-k rule or
+    sampling would mix rows made differently under metadata that names only the first."""
     from distillcache.shared.manifest import DatasetError, read_manifest
 
     try:
         info = read_manifest(out).info
     except DatasetError:
         return  # no dataset yet, or one the writer will refuse with its own message
-    wanted = {"k": settings.default_k, "logprob_codec": settings.logprob_codec}
-    stored = {"k": info.k, "logprob_codec": info.logprob_codec}
+    wanted = {
+        "k": settings.default_k,
+        "logprob_codec": settings.logprob_codec,
+        "adaptive k": settings.adaptive_k,
+    }
+    stored = {"k": info.k, "logprob_codec": info.logprob_codec, "adaptive k": info.adaptive}
     if info.sampling is not None:
         wanted.update(sampling.model_dump())
         stored.update(info.sampling.model_dump())

@@ -18,7 +18,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
 from distillcache.shared.keys import cache_key, tokenizer_hash
-from distillcache.shared.schema import DatasetInfo, LogprobCodec, Sampling
+from distillcache.shared.schema import AdaptiveK, DatasetInfo, LogprobCodec, Sampling
 
 from .backend import Query, TeacherBackend
 
@@ -162,7 +162,13 @@ class TeacherIdentity:
             completion_ids=query.completion_ids if query.mode == "score" else None,
         )
 
-    def dataset_info(self, k: int, codec: LogprobCodec, sampling: Sampling | None) -> DatasetInfo:
+    def dataset_info(
+        self,
+        k: int,
+        codec: LogprobCodec,
+        sampling: Sampling | None,
+        adaptive: AdaptiveK | None = None,
+    ) -> DatasetInfo:
         return DatasetInfo(
             teacher_model=self.model_id,
             teacher_revision=self.revision,
@@ -171,6 +177,7 @@ class TeacherIdentity:
             vocab_size=self.vocab_size,
             logit_width=self.logit_width,
             k=k,
+            adaptive=adaptive,
             logprob_codec=codec,
             sampling=sampling,
             backend=self.backend,
@@ -178,9 +185,14 @@ class TeacherIdentity:
             dtype=self.dtype,
         )
 
-    def live_dataset(self, k: int) -> str:
+    def live_dataset(self, k: int, adaptive: AdaptiveK | None = None) -> str:
+        """The live dataset of top-``k`` answers; one per adaptive-k rule too (a dataset
+        has one rule), named ``...-k<k>-a<hash of the rule>``."""
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model_id).name).strip("-.")[:40]
         digest = hashlib.sha256(
             f"{self.weights}\0{self.numerics}\0{self.tokenizer_hash}".encode()
         ).hexdigest()[:8]
-        return f"live-{base or 'teacher'}-{digest}-k{k}"
+        name = f"live-{base or 'teacher'}-{digest}-k{k}"
+        if adaptive is not None:
+            name += "-a" + hashlib.sha256(adaptive.model_dump_json().encode()).hexdigest()[:8]
+        return name

@@ -42,17 +42,18 @@ from distillcache.shared.manifest import (
 )
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
-from distillcache.shared.schema import KEY, DatasetInfo
+from distillcache.shared.schema import KEY, AdaptiveK, DatasetInfo, adaptive_answers
 from distillcache.shared.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 # 2: datasets carry their log-prob codec, so lookups can refuse less exact rows.
-INDEX_VERSION = 2
+# 3: and their adaptive-k rule, so lookups can refuse rows cut more than asked.
+INDEX_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
-    name TEXT PRIMARY KEY, stamp TEXT NOT NULL, codec TEXT NOT NULL
+    name TEXT PRIMARY KEY, stamp TEXT NOT NULL, codec TEXT NOT NULL, adaptive TEXT
 );
 CREATE TABLE IF NOT EXISTS shards (
     dataset TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
@@ -207,8 +208,8 @@ class CacheIndex:
                 self._db.executemany("INSERT OR IGNORE INTO rows VALUES (?,?,?,?,?)", new_rows)
                 self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?,?,?)", new_shards)
                 self._db.execute(
-                    "INSERT OR REPLACE INTO datasets VALUES (?,?,?)",
-                    (name, stamp, reader.info.exact_as),
+                    "INSERT OR REPLACE INTO datasets VALUES (?,?,?,?)",
+                    (name, stamp, reader.info.exact_as, _rule_json(reader.info.adaptive)),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -269,37 +270,47 @@ class CacheIndex:
                 )
         return found
 
-    def locate(self, keys: Iterable[str], codecs: Sequence[str]) -> dict[str, Location]:
-        """Where each key is stored, in a dataset of one of ``codecs`` (the first found when
-        several hold it)."""
+    def locate(
+        self, keys: Iterable[str], codecs: Sequence[str], adaptive: AdaptiveK | None = None
+    ) -> dict[str, Location]:
+        """Where each key is stored, in a dataset of one of ``codecs`` whose rows answer
+        adaptive-k rule ``adaptive`` (``schema.adaptive_answers``; None: the full top-k),
+        the first found when several hold it."""
         found: dict[str, Location] = {}
         keys = list(keys)
         codec_marks = ",".join("?" * len(codecs))
         with self._lock:
+            usable = {
+                name
+                for name, rule in self._db.execute(
+                    f"SELECT name, adaptive FROM datasets WHERE codec IN ({codec_marks})",
+                    tuple(codecs),
+                )
+                if adaptive_answers(_rule(rule), adaptive)
+            }
             for chunk in _chunks(keys):
                 marks = ",".join("?" * len(chunk))
                 for key, dataset, file, group, row in self._db.execute(
                     f"SELECT key, dataset, file, row_group, row FROM rows"
-                    f" WHERE key IN ({marks}) AND dataset IN"
-                    f" (SELECT name FROM datasets WHERE codec IN ({codec_marks}))"
-                    f" ORDER BY dataset",
-                    (*chunk, *codecs),
+                    f" WHERE key IN ({marks}) ORDER BY dataset",
+                    tuple(chunk),
                 ):
-                    found.setdefault(key, Location(dataset, file, group, row))
+                    if dataset in usable:
+                        found.setdefault(key, Location(dataset, file, group, row))
         return found
 
     def fetch(
-        self, keys: Iterable[str], codecs: Sequence[str]
+        self, keys: Iterable[str], codecs: Sequence[str], adaptive: AdaptiveK | None = None
     ) -> dict[str, tuple[str, SequenceRecord]]:
         """(dataset, stored row) for those of ``keys`` that a dataset of one of ``codecs``
-        holds.
+        whose rows answer rule ``adaptive`` holds (``locate``).
 
         A location that no longer matches its shard (the dataset changed under the index)
         is left out, and that dataset is re-indexed at the next refresh.
         """
         out: dict[str, tuple[str, SequenceRecord]] = {}
         with self._lock:
-            for key, loc in self.locate(keys, codecs).items():
+            for key, loc in self.locate(keys, codecs, adaptive).items():
                 try:
                     info, table = self._row_group(loc)
                     if table.column(KEY)[loc.row].as_py() != key:
@@ -391,3 +402,11 @@ def _shard_keys(
 def _chunks(items: list[str]) -> Iterable[list[str]]:
     for start in range(0, len(items), _PARAMS_PER_QUERY):
         yield items[start : start + _PARAMS_PER_QUERY]
+
+
+def _rule_json(rule: AdaptiveK | None) -> str | None:
+    return None if rule is None else rule.model_dump_json()
+
+
+def _rule(text: str | None) -> AdaptiveK | None:
+    return None if text is None else AdaptiveK.model_validate_json(text)

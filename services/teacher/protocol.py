@@ -30,6 +30,7 @@ from distillcache.shared.inputs import (
     user_turn,
 )
 from distillcache.shared.manifest import Manifest
+from distillcache.shared.reader import PAD_ID
 from distillcache.shared.schema import DatasetInfo, LogprobCodec, Sampling
 
 from .backend import Query
@@ -186,7 +187,7 @@ class ScoreBody(_Strict):
 class AnswerResponse(BaseModel):
     """One sequence. Position j of the per-position arrays is the teacher's distribution
     over token ``logprob_start + j`` of ``prompt_ids + completion_ids``; its top-k are
-    listed most likely first."""
+    listed most likely first (with adaptive k, only the entries the rule kept)."""
 
     key: str
     cached: bool = Field(description="Answered from the store; the teacher did not run.")
@@ -211,8 +212,14 @@ class AnswerResponse(BaseModel):
         """An answer as the API returns it: through the store's codec, so a fresh answer
         reads as its cached copy will; most likely first; -inf as null (JSON has none)."""
         r = answer.record
+        # Adaptive k's padding (id -1) is no entry: sorted last whatever its value (a
+        # one-byte codec turns its -inf into a number), then cut off.
+        padded = r.topk_ids == PAD_ID
         lps = decode_logprobs(encode_logprobs(r.topk_logprobs, codec), codec)
-        order = np.lexsort((r.topk_ids, -lps), axis=-1)
+        order = np.lexsort((r.topk_ids, -lps, padded), axis=-1)
+        ids = np.take_along_axis(r.topk_ids, order, axis=-1)
+        lps = np.take_along_axis(lps, order, axis=-1)
+        kept = (~padded).sum(axis=-1).tolist()
         return cls(
             key=r.key,
             cached=answer.cached,
@@ -222,8 +229,8 @@ class AnswerResponse(BaseModel):
             completion_text=r.completion_text,
             finish_reason=r.finish_reason,
             logprob_start=int(r.logprob_start),
-            topk_ids=np.take_along_axis(r.topk_ids, order, axis=-1).tolist(),
-            topk_logprobs=np.take_along_axis(lps, order, axis=-1).tolist(),
+            topk_ids=[row[:n] for row, n in zip(ids.tolist(), kept, strict=True)],
+            topk_logprobs=[row[:n] for row, n in zip(lps.tolist(), kept, strict=True)],
             token_logprob=_finite(r.token_logprob),
             tail_logprob=_finite(r.tail_logprob),
             score_logprobs=score_logprobs(answer),

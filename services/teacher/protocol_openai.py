@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from distillcache.shared.reader import PAD_ID
 from distillcache.shared.schema import LogprobCodec, Sampling
 
 from .backend import Query
@@ -226,7 +227,13 @@ class Positions:
     def of(cls, answer: Answer, wire: Wire, temperature: float) -> Positions:
         r = AnswerResponse.of(answer, wire.codec)
         seq = r.prompt_ids + r.completion_ids
-        top = np.asarray(r.topk_logprobs, dtype=np.float64)
+        # Adaptive k keeps a number of entries per position: padded back to one width
+        # (id PAD_ID, log-prob -inf), which ``entries`` leaves out.
+        width = max((len(row) for row in r.topk_ids), default=0)
+        top_ids = np.full((len(r.topk_ids), width), PAD_ID, dtype=np.int64)
+        top = np.full((len(r.topk_ids), width), -np.inf)
+        for j, (ids, lps) in enumerate(zip(r.topk_ids, r.topk_logprobs, strict=True)):
+            top_ids[j, : len(ids)], top[j, : len(lps)] = ids, lps
         actual = np.array([np.nan if v is None else v for v in r.token_logprob], dtype=np.float64)
         if wire.mode == "processed_logprobs" and temperature not in (0.0, 1.0):
             scaled = top / temperature
@@ -235,7 +242,7 @@ class Positions:
             actual = actual / temperature - norm
         return cls(
             seq[r.logprob_start :],
-            np.asarray(r.topk_ids),
+            top_ids,
             top,
             actual,
             r.finish_reason,
@@ -249,9 +256,10 @@ class Positions:
         top = [
             (int(t), float(v), r + 1)
             for r, (t, v) in enumerate(zip(self.top_ids[j], self.top[j], strict=True))
+            if t != PAD_ID
         ]
         inside = next((e for e in top if e[0] == token), None)
-        first = inside or (token, float(self.actual[j]), len(self.top_ids[j]) + 1)
+        first = inside or (token, float(self.actual[j]), len(top) + 1)
         return [first] + [e for e in top[:k] if e[0] != token]
 
     def ranked(self, j: int, k: int) -> list[tuple[int, float]]:

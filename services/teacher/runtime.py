@@ -83,6 +83,7 @@ async def build_runtime(
             flush_seconds=settings.flush_seconds,
             row_group_tokens=settings.row_group_tokens,
             sources=settings.cache_sources,
+            adaptive=settings.adaptive_k,
         )
         jobs = JobStore(store.state_dir / "jobs.sqlite")
     except BaseException:

@@ -134,6 +134,8 @@ class TeacherService:
                 record, scores = await flight
                 answers[i] = ScoredAnswer(record, True, None, scores)
             ordered = [answers[i] for i in range(len(queries))]
+            for a in ordered:
+                a.record = self.store.shape(a.record)
             self.metrics.cache_tokens.inc(
                 sum(
                     len(a.record.prompt_ids) + len(a.record.completion_ids)

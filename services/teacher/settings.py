@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from distillcache.shared.schema import LogprobCodec
+from distillcache.shared.schema import AdaptiveK, LogprobCodec
 
 
 class TeacherSettings(BaseSettings):
@@ -89,6 +89,23 @@ class TeacherSettings(BaseSettings):
     logprob_codec: LogprobCodec = Field(
         "cbrt-u8", description="How stored log-probs are encoded (docs/shard-format.md)."
     )
+    adaptive_mass: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Adaptive k: keep each position's most likely entries until their mass "
+        "reaches this (top-p); the tail bucket carries the rest. Off unless this or "
+        "adaptive_min_prob is set (docs/shard-format.md).",
+    )
+    adaptive_min_prob: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Adaptive k: also keep every entry at least this likely.",
+    )
+    adaptive_min_k: int | None = Field(
+        None, ge=1, description="Adaptive k: keep at least this many entries per position [1]."
+    )
     served_model_name: str | None = Field(
         None,
         description="/v1/completions, /v1/models: the model name clients send and see "
@@ -149,6 +166,23 @@ class TeacherSettings(BaseSettings):
         if self.default_k > self.max_k:
             raise ValueError(f"default_k={self.default_k} is above max_k={self.max_k}")
         return self
+
+    @model_validator(mode="after")
+    def _adaptive_rule(self) -> TeacherSettings:
+        if self.adaptive_min_k is not None and self.adaptive_k is None:
+            raise ValueError("adaptive_min_k needs adaptive_mass or adaptive_min_prob")
+        return self
+
+    @property
+    def adaptive_k(self) -> AdaptiveK | None:
+        """The adaptive-k rule every dataset is written with, or None: the full top-k."""
+        if self.adaptive_mass is None and self.adaptive_min_prob is None:
+            return None
+        return AdaptiveK(
+            mass=self.adaptive_mass,
+            min_prob=self.adaptive_min_prob,
+            min_k=self.adaptive_min_k or 1,
+        )
 
     def token(self) -> str | None:
         """The bearer token the gate requires, or None: auth is off (an empty token is none)."""

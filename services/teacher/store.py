@@ -18,11 +18,18 @@ Which dataset an answer goes to. A dataset has one k and one log-prob codec, so:
 Lookups do not care which dataset holds a key, only how exactly it stores log-probs: the
 key already pins the teacher's weights and numerics, the tokenizer, the prompt, k and the
 sampling, so any dataset's row is the right answer, provided its codec is at least as
-exact as the one this store writes (``as_exact_codecs``). Besides the data root's
-datasets, read-only *sources* (``--cache-sources``: datasets on object storage, e.g. the
-output of a capture run on a cluster, or directories elsewhere) answer lookups too; they
-are indexed under their URI as name and never written, and a damaged shard in one is
-left out of the index, not quarantined (the store cannot change a dataset it only reads).
+exact as the one this store writes (``as_exact_codecs``) and it kept every entry this
+store's adaptive-k rule keeps (``adaptive_answers``: a full top-k row answers any rule,
+a row cut by a rule only a rule it covers, never a store that keeps the full top-k).
+Like the codec, the rule is a property of how answers are stored, not of the teacher's
+answer, so it is not in the key: a full top-k row answers an adaptive store without
+running the teacher again. Every answer this store gives is cut by its rule
+(``shape``), so a fresh answer reads as its cached copy will.
+Besides the data root's datasets, read-only *sources* (``--cache-sources``: datasets on
+object storage, e.g. the output of a capture run on a cluster, or directories elsewhere)
+answer lookups too, under the same rules; they are indexed under their URI as name and
+never written, and a damaged shard in one is left out of the index, not quarantined (the
+store cannot change a dataset it only reads).
 
 Flush policy. Stored rows first sit in the dataset's ShardWriter buffer and in a
 ``pending`` map that answers lookups from memory. Once a dataset has ``flush_rows``
@@ -49,12 +56,14 @@ from distillcache.shared.record import SequenceRecord
 from distillcache.shared.repair import rebuild_manifest
 from distillcache.shared.schema import (
     READABLE_SCHEMA_VERSIONS,
+    AdaptiveK,
     DatasetInfo,
     LogprobCodec,
     Sampling,
+    adaptive_answers,
     as_exact_codecs,
 )
-from distillcache.shared.writer import ShardWriter
+from distillcache.shared.writer import ShardWriter, adaptive_cut
 
 from .identity import TeacherIdentity
 from .index import CacheIndex
@@ -137,16 +146,19 @@ class TeacherStore:
         flush_seconds: float,
         row_group_tokens: int,
         sources: Sequence[str] = (),
+        adaptive: AdaptiveK | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``sources``: read-only datasets (``s3://`` URIs or directories) whose rows
-        answer lookups too. ``clock`` gives the seconds the flush policy and index
-        refreshes measure; tests pass a clock they advance themselves."""
+        answer lookups too. ``adaptive``: the adaptive-k rule of every dataset this store
+        writes (None: the full top-k). ``clock`` gives the seconds the flush policy and
+        index refreshes measure; tests pass a clock they advance themselves."""
         self.data_root = Path(data_root).resolve()
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         self.codec: LogprobCodec = codec
         self._exact_codecs = as_exact_codecs(codec)
+        self.adaptive = adaptive
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.row_group_tokens = row_group_tokens
@@ -182,7 +194,7 @@ class TeacherStore:
                         f"dataset {name} holds k={self._open[name].writer.info.k}, not k={k}"
                     )
                 return
-            info = self.identity.dataset_info(k, self.codec, sampling)
+            info = self.identity.dataset_info(k, self.codec, sampling, self.adaptive)
             if _repair_torn_manifest(self.dataset_path(name)):
                 self.index.refresh_dataset(name)
             writer = ShardWriter(
@@ -191,7 +203,7 @@ class TeacherStore:
             self._open[name] = _OpenDataset(writer)
 
     def open_live_dataset(self, k: int) -> str:
-        name = self.identity.live_dataset(k)
+        name = self.identity.live_dataset(k, self.adaptive)
         self.open_dataset(name, k, None)
         return name
 
@@ -229,13 +241,18 @@ class TeacherStore:
 
     def lookup(self, keys: Iterable[str]) -> dict[str, Answer]:
         """Stored answers for those of ``keys`` that a dataset holds whose codec is at least
-        as exact as this store's: a float32 dataset is never filled from one-byte codes."""
+        as exact as this store's and whose rows keep what its adaptive-k rule keeps: a
+        float32 dataset is never filled from one-byte codes, nor a full top-k from cut
+        rows. The rows are as stored; ``shape`` cuts them by this store's rule."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, Answer] = {}
         with self._lock:
             open_now = list(self._open.items())
         for name, ds in open_now:
-            if ds.writer.info.logprob_codec not in self._exact_codecs:
+            info = ds.writer.info
+            if info.logprob_codec not in self._exact_codecs or not adaptive_answers(
+                info.adaptive, self.adaptive
+            ):
                 continue
             with ds.lock:
                 for key in keys:
@@ -253,8 +270,14 @@ class TeacherStore:
     def _fetch(self, keys: list[str]) -> dict[str, Answer]:
         return {
             key: Answer(record, True, dataset)
-            for key, (dataset, record) in self.index.fetch(keys, self._exact_codecs).items()
+            for key, (dataset, record) in self.index.fetch(
+                keys, self._exact_codecs, self.adaptive
+            ).items()
         }
+
+    def shape(self, record: SequenceRecord) -> SequenceRecord:
+        """``record`` as this store keeps it: cut by its adaptive-k rule, if it has one."""
+        return record if self.adaptive is None else adaptive_cut(record, self.adaptive)
 
     def pending_rows(self, name: str) -> int:
         ds = self._open.get(name)

@@ -1,0 +1,336 @@
+"""Top-k, adaptive k and sampled sparse logits (RS-KD) at equal bytes, on tiny models.
+
+    python bench/sampled_kd.py --seeds 3
+
+What each mode stores per position of the teacher's distribution ``q`` (T=1), and the
+loss the student gets from it:
+
+- ``full``: every log-prob (the baseline no cache stores): forward KL(q || p) exactly.
+- ``top-k``: the k most likely ids with their log-probs and the tail bucket (the mass
+  outside them): the trainer's forward KL on k + 1 outcomes (``trainer.losses``).
+- ``adaptive``: the entries of probability at least ``min_prob`` (at least 1, at most
+  64; ``shared.writer.adaptive_counts``) and the bucket, padded and masked as the trainer
+  reads an adaptive dataset (``trainer.sparse_kd.unpadded``'s empty slots).
+- ``sampled``: RS-KD (Anshumann et al. 2025, "Sparse Logit Sampling"): N draws from
+  ``q``, stored as the distinct ids and their counts ``c``; the loss
+  ``-sum_i (c_i / N) log p(x_i)`` is an unbiased estimate of the cross-entropy
+  ``-sum_x q(x) log p(x)``, so its gradient is an unbiased estimate of forward
+  KL(q || p)'s (the teacher's entropy has none). No log-probs and no tail are stored.
+
+The teacher is a tiny Qwen2 fitted to the synthetic arithmetic task for a few steps (so its
+distribution is peaked but has a tail), its outputs softened by ``--teacher-temperature``
+(the distribution all modes distil from, so the tail matters); students are tiny Qwen2s
+trained on the same batches and steps from the same initial weights per seed. Reported per
+mode, mean and spread over seeds: stored bytes per token (zstd Parquet, the shard
+encodings: ids sorted and BYTE_STREAM_SPLIT, one-byte cbrt-u8 log-probs, float32 tails,
+one-byte counts), mean entries per position, the held-out KL(q || p) to the full teacher
+(nats per position), and the student's expected calibration error on held-out text
+(15 equal-width bins of its top-1 probability against whether the next token is its top-1;
+a student equal to the softened teacher would have the teacher's, printed first), and its
+ECE against the teacher (the same bins, a position's accuracy being ``q(argmax p)``, the
+chance that a token drawn from the teacher is the student's top-1: zero for a student
+equal to the teacher, whatever the teacher's own calibration).
+Each budget is N draws for the sampled mode; top-k takes the k whose bytes come closest
+to the sampled mode's, adaptive the min_prob that keeps as many entries as that k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distillcache.shared.codec import encode_logprobs, tail_logprob
+from distillcache.shared.schema import AdaptiveK
+from distillcache.shared.tiny_models import (
+    build_tiny_model,
+    chat_texts,
+    synthetic_task_rows,
+    train_tiny_model,
+    train_tokenizer,
+)
+from distillcache.shared.writer import adaptive_counts
+from distillcache.trainer.losses import forward_kl, student_log_probs, teacher_log_probs
+from distillcache.trainer.sparse_kd import unpadded
+
+MAX_ADAPTIVE = 64
+
+
+def world(workdir: Path, teacher_steps: int, teacher_temperature: float):
+    """Tokenizer, a fitted teacher, and its full log-probs on train and held-out text."""
+    rows = list(synthetic_task_rows(600, seed=1))
+    corpus = [f"{r['question']} {r['teacher_solution']}" for r in rows]
+    train_tokenizer(corpus, 512, workdir / "tok")
+    teacher = build_tiny_model(workdir / "teacher", workdir / "tok", hidden_size=128, seed=7)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    train_tiny_model(teacher, chat_texts(rows[:400], tokenizer), steps=teacher_steps, lr=3e-3)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+
+    def encode(part):
+        texts = chat_texts(part, tokenizer)
+        out = []
+        with torch.no_grad():
+            for text in texts:
+                ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+                logits = model(ids.unsqueeze(0)).logits[0, :-1].double()
+                q = F.log_softmax(logits / teacher_temperature, -1).float()
+                out.append((ids, q))
+        return out
+
+    return encode(rows[:400]), encode(rows[400:]), len(tokenizer)
+
+
+def sample(q_log: torch.Tensor, draws: int, gen: torch.Generator):
+    """RS-KD's stored form: per position the distinct drawn ids and their counts."""
+    picks = torch.multinomial(q_log.exp(), draws, replacement=True, generator=gen)
+    width = max(len(torch.unique(row)) for row in picks)
+    ids = torch.full((len(picks), width), -1, dtype=torch.long)
+    counts = torch.zeros((len(picks), width))
+    for j, row in enumerate(picks):
+        u, c = torch.unique(row, return_counts=True)
+        ids[j, : len(u)], counts[j, : len(u)] = u, c.float()
+    return ids, counts
+
+
+def top_entries(q_log: torch.Tensor, counts: np.ndarray):
+    """Each position's ``counts[j]`` most likely ids, padded with -1 / -inf, and the tail
+    (recomputed from the kept float32 log-probs, as the cache captures it)."""
+    width = int(counts.max())
+    values, ids = q_log.topk(width, dim=-1)
+    keep = torch.arange(width) < torch.as_tensor(counts)[:, None]
+    ids = ids.masked_fill(~keep, -1)
+    values = values.masked_fill(~keep, float("-inf"))
+    tail = torch.from_numpy(tail_logprob(values.numpy()))
+    return ids, values, tail
+
+
+def parquet_bytes(columns: dict[str, pa.Array]) -> int:
+    """zstd Parquet size of the per-position columns, with the shards' encodings."""
+    table = pa.table(columns)
+    encodings = {"ids.list.element.list.element": "BYTE_STREAM_SPLIT"}
+    if "tail" in columns:
+        encodings["tail.list.element"] = "BYTE_STREAM_SPLIT"
+    sink = io.BytesIO()
+    pq.write_table(
+        table, sink, compression="zstd", compression_level=3, use_dictionary=False,
+        column_encoding=encodings,
+    )  # fmt: skip
+    return sink.tell()
+
+
+def nested(ids: list[np.ndarray], values: list[np.ndarray], dtype) -> tuple[pa.Array, pa.Array]:
+    """Per sequence, per position, the entries whose id is not padding (-1), ids sorted
+    ascending with their values alongside (the shards' canonical order)."""
+    id_out, value_out = [], []
+    for row_ids, row_values in zip(ids, values, strict=True):
+        order = np.argsort(np.where(row_ids >= 0, row_ids, np.iinfo(np.int64).max), axis=1)
+        row_ids = np.take_along_axis(row_ids, order, axis=1)
+        row_values = np.take_along_axis(row_values, order, axis=1)
+        keep = row_ids >= 0
+        id_out.append([r[m].tolist() for r, m in zip(row_ids, keep, strict=True)])
+        value_out.append([r[m].tolist() for r, m in zip(row_values, keep, strict=True)])
+    return (
+        pa.array(id_out, type=pa.list_(pa.list_(pa.int32()))),
+        pa.array(value_out, type=pa.list_(pa.list_(dtype))),
+    )
+
+
+def store(mode, data, draws, k, min_prob, gen):
+    """Each sequence's stored form for ``mode``, its bytes per position (zstd Parquet of
+    what the mode stores) and its mean entries per position."""
+    stored, ids_rows, val_rows, tail_rows = [], [], [], []
+    for _, q in data:
+        if mode == "sampled":
+            ids, counts = sample(q, draws, gen)
+            stored.append((ids, counts))
+            ids_rows.append(ids.numpy())
+            val_rows.append(counts.numpy().astype(np.uint8))
+            continue
+        if mode == "top-k":
+            n = np.full(len(q), k)
+        else:
+            top = q.topk(MAX_ADAPTIVE, -1).values.numpy()
+            n, _ = adaptive_counts(top, AdaptiveK(min_prob=min_prob))
+        ids, values, tail = top_entries(q, n)
+        stored.append((ids, values, tail))
+        ids_rows.append(ids.numpy())
+        val_rows.append(encode_logprobs(values.numpy(), "cbrt-u8"))
+        tail_rows.append(tail.numpy())
+    entries = sum(int((r >= 0).sum()) for r in ids_rows)
+    positions = sum(len(q) for _, q in data)
+    id_col, value_col = nested(ids_rows, val_rows, pa.uint8())
+    columns = {"ids": id_col, "values": value_col}
+    if tail_rows:
+        columns["tail"] = pa.array([t.tolist() for t in tail_rows], pa.list_(pa.float32()))
+    return stored, parquet_bytes(columns) / positions, entries / positions
+
+
+def loss_of(mode, logits, target):
+    """Summed loss over positions for one sequence's stored target."""
+    log_p = F.log_softmax(logits.float(), -1)
+    if mode == "full":
+        return forward_kl(target, log_p).sum()
+    if mode == "sampled":
+        ids, counts = target
+        gathered = log_p.gather(1, ids.clamp(min=0))
+        return -(counts / counts.sum(-1, keepdim=True) * gathered).sum()
+    ids, values, tail = target
+    ids, empty = unpadded(ids)
+    top = logits.gather(1, ids)
+    rest = logits.scatter(1, ids, float("-inf")).logsumexp(-1)
+    if empty is not None:
+        top = top.masked_fill(empty, float("-inf"))
+    teacher = teacher_log_probs(values, tail, 1.0, "bucket", None, empty)
+    student = student_log_probs(top, rest, 1.0, "bucket")
+    return forward_kl(teacher, student).sum()
+
+
+def train_student(mode, workdir, tokdir, train, targets, seed, steps, batch):
+    student = build_tiny_model(workdir / f"s{seed}", tokdir, hidden_size=64, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for _ in range(steps):
+        picks = torch.randint(len(train), (batch,), generator=gen).tolist()
+        total, positions = 0.0, 0
+        for i in picks:
+            ids, _ = train[i]
+            logits = model(ids.unsqueeze(0)).logits[0, :-1]
+            total = total + loss_of(mode, logits, targets[i])
+            positions += len(logits)
+        (total / positions).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model, held_out):
+    """Held-out KL(q || p) per position, ECE against the text's next tokens, and ECE
+    against the teacher: a position's "accuracy" is then q(argmax p), the chance that a
+    token drawn from the teacher is the student's top-1."""
+    kl, n = 0.0, 0
+    conf, right, teacher_right = [], [], []
+    for ids, q in held_out:
+        log_p = F.log_softmax(model(ids.unsqueeze(0)).logits[0, :-1].double(), -1)
+        kl += forward_kl(q.double(), log_p).sum().item()
+        n += len(q)
+        top, arg = log_p.max(-1)
+        conf.append(top.exp())
+        right.append((arg == ids[1:]).double())
+        teacher_right.append(q.double().gather(1, arg.unsqueeze(1)).squeeze(1).exp())
+    conf = torch.cat(conf)
+    return kl / n, ece(conf, torch.cat(right)), ece(conf, torch.cat(teacher_right))
+
+
+def ece(conf: torch.Tensor, right: torch.Tensor, bins: int = 15) -> float:
+    which = (conf * bins).long().clamp(max=bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.double().mean().item() * abs(conf[sel].mean() - right[sel].mean()).item()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--draws", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--teacher-temperature", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        train, held_out, vocab = world(workdir, args.teacher_steps, args.teacher_temperature)
+        q = torch.cat([q for _, q in train])
+        p = q.exp()
+        entropy = -(p * q.clamp(min=-1e30)).sum(-1).mean().item()
+        held_q = torch.cat([q for _, q in held_out])
+        held_next = torch.cat([ids[1:] for ids, _ in held_out])
+        top, arg = held_q.max(-1)
+        teacher_ece = ece(top.exp().double(), (arg == held_next).double())
+        print(
+            f"teacher: vocab {vocab}, {len(q)} train positions, entropy {entropy:.3f} nats,"
+            f" top-1 mass {p.max(-1).values.mean():.3f}, held-out ECE {teacher_ece:.4f}"
+        )
+        print(
+            "| budget | mode | B/token | entries/pos | held-out KL (nats/pos) | ECE (text) |"
+            " ECE (teacher) |\n| --- | --- | --- | --- | --- | --- | --- |"
+        )
+        results = {}
+        for seed in range(args.seeds):
+            model = train_student(
+                "full", workdir, workdir / "tok", train, [t for _, t in train], seed,
+                args.steps, args.batch,
+            )  # fmt: skip
+            full = (4.0 * vocab, float(vocab), *evaluate(model, held_out))  # float32 each
+            results.setdefault(("-", "full"), []).append(full)
+        for draws in args.draws:
+            gen = torch.Generator().manual_seed(draws)
+            sampled, s_bytes, s_entries = store("sampled", train, draws, 0, 0, gen)
+            # The k whose bytes come closest to the sampled mode's.
+            k = max(1, round(s_entries) - 2)
+            topk, t_bytes, t_entries = store("top-k", train, 0, k, 0, gen)
+            while t_bytes < s_bytes:
+                bigger = store("top-k", train, 0, k + 1, 0, gen)
+                if abs(bigger[1] - s_bytes) > abs(t_bytes - s_bytes):
+                    break
+                k, (topk, t_bytes, t_entries) = k + 1, bigger
+            # min_prob giving top-k's mean entries (so about its bytes): bisected.
+            low, high = 1e-6, 0.5
+            for _ in range(30):
+                mid = (low * high) ** 0.5
+                n, _ = adaptive_counts(
+                    q.topk(MAX_ADAPTIVE, -1).values.numpy(), AdaptiveK(min_prob=mid)
+                )
+                low, high = (mid, high) if n.mean() > t_entries else (low, mid)
+            adaptive, a_bytes, a_entries = store("adaptive", train, 0, 0, high, gen)
+            budget = f"N={draws}"
+            modes = {
+                "sampled": (sampled, s_bytes, s_entries),
+                f"top-k (k={k})": (topk, t_bytes, t_entries),
+                f"adaptive (min_prob={high:.3g})": (adaptive, a_bytes, a_entries),
+            }
+            for name, (targets, b, e) in modes.items():
+                kind = name.split(" ")[0]
+                for seed in range(args.seeds):
+                    model = train_student(
+                        kind, workdir, workdir / "tok", train, targets, seed, args.steps,
+                        args.batch,
+                    )  # fmt: skip
+                    results.setdefault((budget, name), []).append(
+                        (b, e, *evaluate(model, held_out))
+                    )
+        for (budget, name), runs in results.items():
+            b, e = runs[0][0], runs[0][1]
+            kls = [r[2] for r in runs]
+            eces = [r[3] for r in runs]
+            teacher_eces = [r[4] for r in runs]
+
+            def show(xs):
+                spread = statistics.stdev(xs) if len(xs) > 1 else 0.0
+                return f"{statistics.mean(xs):.4f} ± {spread:.4f}"
+
+            print(
+                f"| {budget} | {name} | {b:.1f} | {e:.2f} | {show(kls)} | {show(eces)} |"
+                f" {show(teacher_eces)} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
