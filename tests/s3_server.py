@@ -43,6 +43,29 @@ def s3_server() -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@contextmanager
+def s3_environment(bucket: str) -> Iterator[str]:
+    """The server with ``bucket`` on it, and the standard AWS variables pointing at it
+    (restored afterwards); yield its endpoint URL."""
+    import pyarrow.fs as pafs
+
+    with s3_server() as url:
+        env = CREDENTIALS | {"AWS_ENDPOINT_URL": url}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        pafs.S3FileSystem(
+            endpoint_override=url, region="us-east-1", allow_bucket_creation=True
+        ).create_dir(bucket)
+        try:
+            yield url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def main() -> None:
     app = DomainDispatcherApplication(create_backend_app)
     server = make_server("127.0.0.1", 0, app, threaded=False)

@@ -4,7 +4,6 @@ pyarrow's S3 filesystem with an endpoint override and botocore's conditional PUT
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from s3_server import CREDENTIALS, s3_server
+from s3_server import s3_environment
 from test_shards import make_info, make_record
 from typer.testing import CliRunner
 
@@ -35,21 +34,8 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with s3_server() as url:
-        env = CREDENTIALS | {"AWS_ENDPOINT_URL": url}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        pafs.S3FileSystem(
-            endpoint_override=url, region="us-east-1", allow_bucket_creation=True
-        ).create_dir(BUCKET)
-        try:
-            yield url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_environment(BUCKET) as url:
+        yield url
 
 
 def records(seed: int, n: int, prefix: str):

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
-from s3_server import CREDENTIALS, s3_server
+from s3_server import s3_environment
 from typer.testing import CliRunner
 
 from distillcache.cli import app, main
@@ -63,21 +62,8 @@ def s3_endpoint():
     """moto's S3 server (a real S3-protocol process) with a bucket, and the standard AWS
     variables pointing at it: set before the cluster starts, so every worker has them,
     as every node of a real cluster has its credentials."""
-    with s3_server() as url:
-        env = CREDENTIALS | {"AWS_ENDPOINT_URL": url}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        pafs.S3FileSystem(
-            endpoint_override=url, region="us-east-1", allow_bucket_creation=True
-        ).create_dir(BUCKET)
-        try:
-            yield url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_environment(BUCKET) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

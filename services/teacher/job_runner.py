@@ -115,14 +115,7 @@ async def _run_step(
             metas=[rows[i].meta for i in picked],
             queue=False,
         )
-    for answer in answers:
-        tokens = len(answer.record.prompt_ids) + len(answer.record.completion_ids)
-        if answer.cached:
-            progress.rows_cached += 1
-            progress.cached_tokens += tokens
-        else:
-            progress.rows_teacher += 1
-            progress.teacher_tokens += tokens
+    progress.count_answers(answers)
     progress.rows_present += len(queries) - len(picked)
     progress.rows_failed += len(errors)
     progress.rows_done += len(chunk)

@@ -12,12 +12,16 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from distillcache.shared.schema import Sampling
+
+if TYPE_CHECKING:
+    from .store import Answer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,25 @@ class JobProgress(BaseModel):
     rows_failed: int = 0
     teacher_tokens: int = 0
     cached_tokens: int = 0
+
+    def count_answers(self, answers: Iterable[Answer]) -> None:
+        """Count answered rows (and their tokens) as copied from the cache or run by the
+        teacher."""
+        for answer in answers:
+            tokens = len(answer.record.prompt_ids) + len(answer.record.completion_ids)
+            if answer.cached:
+                self.rows_cached += 1
+                self.cached_tokens += tokens
+            else:
+                self.rows_teacher += 1
+                self.teacher_tokens += tokens
+
+    def add_answered(self, other: JobProgress) -> None:
+        """Add another run's answered-row counts (a scale-out worker's chunk)."""
+        self.rows_teacher += other.rows_teacher
+        self.teacher_tokens += other.teacher_tokens
+        self.rows_cached += other.rows_cached
+        self.cached_tokens += other.cached_tokens
 
 
 class JobRowError(BaseModel):

@@ -85,14 +85,6 @@ class PlanContext:
 
 
 @dataclass
-class ChunkCounts:
-    rows_teacher: int = 0
-    teacher_tokens: int = 0
-    rows_cached: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass
 class CaptureResult:
     """How a capture went. ``progress`` counts each input row once (present, cached,
     teacher or failed), as a single-process job does; ``rows_recomputed`` are rows sent
@@ -165,7 +157,7 @@ class CaptureWorker:
         service = self._runtime.service
         return PlanContext(self._runtime.store.identity, service.limits, service.backend.tokenizer)
 
-    def answer(self, queries: list[Query], metas: list[dict[str, Any]]) -> ChunkCounts:
+    def answer(self, queries: list[Query], metas: list[dict[str, Any]]) -> JobProgress:
         """Answer one chunk into the dataset; rows are published by the store's flush
         policy (``flush_rows``, ``flush_seconds``), not per chunk, so shards stay large."""
         service = self._runtime.service
@@ -179,15 +171,8 @@ class CaptureWorker:
                 service.answer(queries, cache="read", queue=False)
             )
             self._write_remote([a.record for a in answers], metas)
-        counts = ChunkCounts()
-        for answer in answers:
-            tokens = len(answer.record.prompt_ids) + len(answer.record.completion_ids)
-            if answer.cached:
-                counts.rows_cached += 1
-                counts.cached_tokens += tokens
-            else:
-                counts.rows_teacher += 1
-                counts.teacher_tokens += tokens
+        counts = JobProgress()
+        counts.count_answers(answers)
         return counts
 
     def _write_remote(self, records: list[Any], metas: list[dict[str, Any]]) -> None:
@@ -428,10 +413,7 @@ class _Planner:
             return
         if self.result.passes == 0:
             progress = self.result.progress
-            progress.rows_teacher += counts.rows_teacher
-            progress.teacher_tokens += counts.teacher_tokens
-            progress.rows_cached += counts.rows_cached
-            progress.cached_tokens += counts.cached_tokens
+            progress.add_answered(counts)
             progress.rows_done += rows
             self._report()
 
