@@ -188,6 +188,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that over
+    from the parent at fork and exec, so a worker started by a parent that held the
+    teacher would report the parent's size."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
 def step_worker(args: argparse.Namespace) -> None:
     """One variant: load the student, build its batches, time ``--steps`` steps."""
     from distillcache.shared.inputs import ensure_pad_token
@@ -238,7 +246,7 @@ def step_worker(args: argparse.Namespace) -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(
         json.dumps(
             {
@@ -430,7 +438,7 @@ def kd_worker(args: argparse.Namespace) -> None:
             vocab_map_dir=maps,
         )
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_bytes() / 2**20
     logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     times = [r["time"] for r in logged if "train/loss" in r]
     held = evaluate_model(out, spec["held_out"], cross_tokenizer=True, vocab_map_dir=maps)

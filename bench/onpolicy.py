@@ -50,7 +50,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -277,7 +276,8 @@ SPLIT = ("sample", "score", "train")
 def gkd_worker(spec: dict) -> dict:
     """One Part 2 run in this (fresh) process; returns its per-step figures."""
     result = ours_run(spec) if spec["system"] == "ours" else trl_run(spec)
-    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss, which Linux carries over from the parent at fork and exec.
+    result["peak_mib"] = _peak_rss_mib(os.getpid())
     return result
 
 
