@@ -12,6 +12,7 @@ a query cannot hold a temperature or seed the backends would choke on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .backend import Query
@@ -45,12 +46,8 @@ class Limits:
         n_prompt = len(query.prompt_ids)
         if n_prompt == 0:
             raise QueryError("prompt", "is empty")
-        for name, ids in (("prompt", query.prompt_ids), ("completion", query.completion_ids)):
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise QueryError(
-                    name, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
-                )
+        self.check_ids("prompt", query.prompt_ids)
+        self.check_ids("completion", query.completion_ids)
         if n_prompt >= context:
             raise QueryError(
                 "prompt", f"{n_prompt} tokens leave no room in the teacher's context of {context}"
@@ -80,6 +77,14 @@ class Limits:
                 f"must be between 1 and {n_prompt + n_completion - 1}, got {query.start}",
             )
         self._check_score_ids(query, n_prompt + n_completion - query.start)
+
+    def check_ids(self, name: str, ids: Sequence[int]) -> None:
+        """Raise QueryError naming ``name`` when a token id is outside the vocabulary."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise QueryError(
+                name, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
 
     def _check_score_ids(self, query: Query, positions: int) -> None:
         """score_ids: none, or one list per scored position, each of at most ``max_k``

@@ -80,6 +80,8 @@ async def completions(body: CompletionBody, rt: Ready, state: State, request: Re
         for i, prompt in enumerate(body.prompts()):
             try:
                 plan = body.plan(i, prompt, tokenizer, settings.max_prompt_chars)
+                # Echoed even when nothing is asked of the teacher (max_tokens 0).
+                rt.service.limits.check_ids("prompt", plan.prompt_ids)
                 for query in plan.queries():
                     rt.service.limits.check(query)
             except QueryError as e:
