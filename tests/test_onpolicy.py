@@ -219,7 +219,7 @@ def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
     settings = TeacherSettings(
         model=str(world["teacher"]), data_root=tmp_path / "data", queue_size=1, max_batch_size=1
     )
-    stop = threading.Event()
+    stop, saturated = threading.Event(), threading.Event()
 
     def keep_busy(url: str, i: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -227,7 +227,8 @@ def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
             while not stop.is_set():
                 n += 1
                 body = {"prompt_ids": [5, i, n % 300], "max_tokens": 48, "cache": "bypass"}
-                c.post("/v1/generate", json=body)
+                if c.post("/v1/generate", json=body).status_code == 429:
+                    saturated.set()
 
     with thread_server(settings) as url:
         threads = [threading.Thread(target=keep_busy, args=(url, i)) for i in range(6)]
@@ -245,8 +246,14 @@ def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
         watcher = threading.Thread(target=ease_off)
         watcher.start()
         try:
-            pair = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}
-            scored, call = client.score([pair], k=4, dataset=None)
+            assert saturated.wait(120), "six loaders never filled a queue of one"
+            # A request can still slip into a slot freed a moment before; ask again (other
+            # text, so no cache hit) until the client has been refused once.
+            for attempt in range(10):
+                pair = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5 + attempt]}
+                scored, call = client.score([pair], k=4, dataset=None)
+                if client.busy_waits:
+                    break
         finally:
             stop.set()
             watcher.join()
