@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from process_memory import peak_rss_bytes, rss_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillcache.shared.keys import cache_key, tokenizer_hash
@@ -183,19 +183,6 @@ def align(args: argparse.Namespace) -> None:
                 print(json.dumps({label: results[label]}), flush=True)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that over
-    from the parent at fork and exec, so a worker started by a parent that held the
-    teacher would report the parent's size."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024
-
-
 def step_worker(args: argparse.Namespace) -> None:
     """One variant: load the student, build its batches, time ``--steps`` steps."""
     from distillcache.shared.inputs import ensure_pad_token
@@ -238,7 +225,7 @@ def step_worker(args: argparse.Namespace) -> None:
         )
     model = AutoModelForCausalLM.from_pretrained(student_dir)
     module = DistillStudent(model, spec, cross)
-    before = _rss_bytes()
+    before = rss_bytes()
     times = []
     for _ in range(args.steps):
         started = time.perf_counter()

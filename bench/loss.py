@@ -10,7 +10,7 @@ variants, each in a fresh subprocess so that one's allocations cannot hide anoth
   probabilities scattered into a dense [B*T, V] tensor, ``F.kl_div``.
 - ``sparse_kd``: this trainer's ``chunked_head_loss`` (forward KL, tail bucket).
 
-Memory: on CPU, peak resident set size of the worker (``ru_maxrss``) minus its resident
+Memory: on CPU, the worker's own peak resident set size (``VmHWM``) minus its resident
 size just before the first step, i.e. what the step adds on top of the inputs (hidden
 states, weight, teacher top-k); tracemalloc cannot see torch's allocations. On CUDA,
 ``torch.cuda.max_memory_allocated`` above the allocation before the step. The weight's
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from process_memory import peak_rss_bytes, rss_bytes
 
 VARIANTS = ("ce", "naive_kd", "sparse_kd")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _step(variant: str, h, w, labels, topk_ids, topk_logprobs, tail, args) -> None:
@@ -84,7 +79,7 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _rss_bytes()
+        before = rss_bytes()
     times = []
     for _ in range(args.warmup + args.steps):
         h.grad = w.grad = None
@@ -97,7 +92,7 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = peak_rss_bytes() - before
     measured = times[args.warmup :]
     return {
         "variant": args.variant,

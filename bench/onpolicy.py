@@ -59,6 +59,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from process_memory import peak_rss_bytes
 
 from distillcache.services.teacher.answer_arrow import encode_answers
 from distillcache.services.teacher.protocol import AnswerResponse, ScoreResponse
@@ -207,7 +208,7 @@ def bench_steps(args: argparse.Namespace) -> None:
                     raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
                 runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
                 if system == "ours":
-                    runs[name]["server_peak_mib"] = _peak_rss_mib(server.pid)
+                    runs[name]["server_peak_mib"] = peak_rss_bytes(server.pid) / 2**20
                 if system == "ours" and fraction > 0:
                     stored = data / f"onpolicy-{out.name}"
                     runs[name]["forward_tokens"] = stored_tokens(stored, args) / args.steps
@@ -234,11 +235,6 @@ def stored_tokens(dataset: Path, args: argparse.Namespace) -> float:
                 return float(sum(map(len, prompts)) + sum(map(len, completions)))
         time.sleep(0.5)
     raise RuntimeError(f"{dataset}: the run's samples were not all published within 120 s")
-
-
-def _peak_rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def print_gkd_table(args: argparse.Namespace, runs: dict[str, dict]) -> None:
@@ -276,8 +272,7 @@ SPLIT = ("sample", "score", "train")
 def gkd_worker(spec: dict) -> dict:
     """One Part 2 run in this (fresh) process; returns its per-step figures."""
     result = ours_run(spec) if spec["system"] == "ours" else trl_run(spec)
-    # VmHWM, not ru_maxrss, which Linux carries over from the parent at fork and exec.
-    result["peak_mib"] = _peak_rss_mib(os.getpid())
+    result["peak_mib"] = peak_rss_bytes() / 2**20
     return result
 
 
