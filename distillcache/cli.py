@@ -81,11 +81,13 @@ def demo(
         typer.Option(help="Teacher backend: vllm or transformers (default: vllm where installed)."),
     ] = None,
 ) -> None:
-    """The whole pipeline on a real teacher: cache, train KD and SFT students, report.
+    """The whole pipeline on a real teacher: cache, train five kinds of student, report.
 
-    SmolLM2-135M-Instruct answers GSM8K questions through `distill serve`; two students
-    (every 5th teacher layer) train from the shards; report.md compares them. About 15
-    minutes on 2 CPU cores. A second run is served from the cache.
+    SmolLM2-135M-Instruct answers GSM8K questions through `distill serve`; students
+    (every 5th teacher layer) train from the shards: KD and SFT (two seeds each), GKD
+    (on-policy, scored by a live teacher), and KD and SFT on GPT-2's tokenizer
+    (cross-tokenizer); report.md compares them. Under 15 minutes on 2 CPU cores. A
+    second run is served from the cache.
     """
     from distillcache.demo import DemoConfig, run_demo
 
