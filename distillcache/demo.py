@@ -65,7 +65,7 @@ KINDS: tuple[StudentKind, ...] = get_args(StudentKind)  # the report's row order
 
 
 class DemoConfig(BaseModel):
-    """Sizes chosen so the whole demo fits in 15 minutes on 2 CPU cores."""
+    """Sizes meant to fit the whole demo in about 15 minutes on 2 CPU cores."""
 
     out_dir: Path = Field(Path("demo-out"), description="Where the store, runs and report go.")
     cache_dir: Path = Field(Path(".cache"), description="Downloaded and converted models, data.")
@@ -85,9 +85,10 @@ class DemoConfig(BaseModel):
     seeds: dict[StudentKind, int] = Field(
         default_factory=lambda: {"kd": 1, "sft": 1, "gkd": 1, "xt-kd": 1, "xt-sft": 0},
         description="Training runs per kind of student (seeds 0, 1, ...; 0 leaves a kind "
-        "out). One each fits the 15-minute budget on 2 cores, so the report shows no spread "
-        "and says so; `distill demo --seeds kd=2,sft=2,xt-sft=1` buys the spread and the "
-        "cross-tokenizer SFT baseline with more minutes (about 2 a run on 2 cores).",
+        "out). One each, the least that shows every kind (estimated 16 to 18 minutes on a "
+        "quiet 2-core machine, docs/benchmarks.md), so the report shows no spread and says "
+        "so; `distill demo --seeds kd=2,sft=2,xt-sft=1` buys the spread and the "
+        "cross-tokenizer SFT baseline with more minutes.",
     )
     gkd_loss: Literal["reverse_kl", "jsd"] = "reverse_kl"
     gkd_fraction: float = Field(
