@@ -129,13 +129,17 @@ class CacheIndex:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            if db.execute("PRAGMA user_version").fetchone()[0] != INDEX_VERSION:
-                db.executescript(
-                    "DROP TABLE IF EXISTS rows; DROP TABLE IF EXISTS shards;"
-                    " DROP TABLE IF EXISTS datasets;"
-                )
-                db.execute(f"PRAGMA user_version={INDEX_VERSION}")
-            db.executescript(_SCHEMA)
+            # The version check and the schema in one write transaction: processes opening
+            # a new index at once (Ray workers, replicas) would otherwise drop each other's
+            # freshly made tables.
+            db.execute("BEGIN IMMEDIATE")
+            with db:
+                if db.execute("PRAGMA user_version").fetchone()[0] != INDEX_VERSION:
+                    for table in ("rows", "shards", "datasets"):
+                        db.execute(f"DROP TABLE IF EXISTS {table}")
+                    db.execute(f"PRAGMA user_version={INDEX_VERSION}")
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
             db.execute("SELECT count(*) FROM datasets").fetchone()
         except sqlite3.DatabaseError:
             db.close()
