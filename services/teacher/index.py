@@ -43,7 +43,7 @@ from distillcache.shared.manifest import (
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
 from distillcache.shared.schema import KEY, AdaptiveK, DatasetInfo, adaptive_answers
-from distillcache.shared.storage import open_storage
+from distillcache.shared.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class CacheIndex:
         cached_row_groups: int = 4,
     ) -> None:
         self.data_root = data_root
-        self.sources = list(sources)
+        # Opened once (a remote one checks its credentials and bucket when opened), not at
+        # every refresh.
+        self.sources: dict[str, Storage] = {s: open_storage(s) for s in sources}
         self.db_path = db_path
         self._lock = threading.RLock()
         # One refresh at a time: two would read the same shards only to insert them twice.
@@ -156,7 +158,7 @@ class CacheIndex:
 
     def refresh(self) -> None:
         """Bring every dataset of the data root up to date; forget vanished datasets."""
-        names = dataset_names(self.data_root) + self.sources
+        names = dataset_names(self.data_root) + list(self.sources)
         with self._lock:
             known = [r[0] for r in self._db.execute("SELECT name FROM datasets")]
         for gone in set(known) - set(names):
@@ -182,7 +184,7 @@ class CacheIndex:
         try:
             reader = ShardDataset(root)
         except DatasetError as e:
-            log.warning("not indexing %s: %s", root, e)
+            log.warning("not indexing %s: %s", name, e)
             self._forget(name)
             return
         listed = {s.file: s.sha256 for s in reader.shards}
@@ -375,12 +377,12 @@ class CacheIndex:
             reader = self._readers[name] = ShardDataset(self._location(name))
         return reader
 
-    def _location(self, name: str) -> Path | str:
+    def _location(self, name: str) -> Path | Storage:
         """Where dataset ``name`` lives: a source is named by its own location."""
-        return name if name in self.sources else self.data_root / name
+        return self.sources.get(name) or self.data_root / name
 
 
-def _manifest_stamp(root: Path | str) -> str | None:
+def _manifest_stamp(root: Path | Storage) -> str | None:
     """Changes whenever the manifest is replaced (for a local one: inode, mtime, size)."""
     storage = open_storage(root)
     for name in (MANIFEST, LEGACY_MANIFEST):
