@@ -166,6 +166,12 @@ class CacheIndex:
         for name in names:
             self.refresh_dataset(name)
 
+    def add_source(self, location: str) -> None:
+        """Index one more dataset outside the data root (a URI), as the sources are."""
+        if location not in self.sources:
+            self.sources[location] = open_storage(location)
+        self.refresh_dataset(location)
+
     def refresh_dataset(self, name: str) -> None:
         with self._refresh_lock:
             self._refresh_dataset(name)

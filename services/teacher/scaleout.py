@@ -13,9 +13,8 @@ Two parts, one process each kind:
   copied rather than recomputed, and publishes shards with its own ShardWriter under its
   own writer id (host-pid-random). Several writers share one dataset the way replicas
   do: shards are immutable and the manifest update is serialized (shared/manifest.py).
-  A dataset on object storage (``s3://``) is written by the worker's own ShardWriter
-  instead of the store, which writes only datasets of its local data root; the worker
-  then skips keys the remote dataset holds, as the store skips keys its dataset holds.
+  A dataset on object storage (``s3://``) is written by the store the same way (it names
+  it by its URI and indexes its keys beside the local datasets').
 
 Why the planner, not Ray Data, reads the input: the keys need the tokenizer and the
 teacher's identity, which the workers' backends define, and one input parser (with its
@@ -43,7 +42,6 @@ the others in the next pass.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shutil
 import time
@@ -58,7 +56,6 @@ from distillcache.shared.manifest import is_dataset
 from distillcache.shared.reader import ShardDataset
 from distillcache.shared.schema import KEY
 from distillcache.shared.storage import is_uri
-from distillcache.shared.writer import ShardWriter
 
 from .backend import Query
 from .identity import TeacherIdentity
@@ -113,13 +110,8 @@ class CaptureWorker:
 
         torch.set_num_threads(max(1, int(cpus)))
         self._dataset = spec.output
-        # A dataset on object storage (``spec.output`` a URI) is written by this worker's
-        # own ShardWriter, since the store writes datasets of its local data root only;
-        # the worker's runtime then keeps its state in a scratch directory of its node.
-        self._remote: ShardWriter | None = None
-        self._held: set[str] = set()
-        self._oldest: float | None = None
-        self._flush_rows, self._flush_seconds = settings.flush_rows, settings.flush_seconds
+        # For a dataset on object storage (``spec.output`` a URI) the worker's runtime
+        # keeps its state (the cache index) in a scratch directory of its node.
         self._scratch: Path | None = None
         if is_uri(spec.output):
             self._scratch = Path(tempfile.mkdtemp(prefix="distill-worker-"))
@@ -136,15 +128,7 @@ class CaptureWorker:
         self._failure: Exception | None = None
         try:
             self._runtime = self._loop.run_until_complete(start())
-            store = self._runtime.store
-            if is_uri(spec.output):
-                info = store.identity.dataset_info(spec.k, store.codec, spec.as_sampling())
-                self._remote = ShardWriter(spec.output, info)
-                # A chunk run again after a kill between publishing and replying: its
-                # published rows are skipped, as the local store skips them.
-                self._held = published_keys(spec.output)
-            else:
-                store.open_dataset(spec.output, spec.k, spec.as_sampling())
+            self._runtime.store.open_dataset(spec.output, spec.k, spec.as_sampling())
         except Exception as e:  # noqa: BLE001 - raised again by plan_context
             self._failure = e
 
@@ -161,41 +145,16 @@ class CaptureWorker:
         """Answer one chunk into the dataset; rows are published by the store's flush
         policy (``flush_rows``, ``flush_seconds``), not per chunk, so shards stay large."""
         service = self._runtime.service
-        if self._remote is None:
-            answers = self._loop.run_until_complete(
-                service.answer(queries, dataset=self._dataset, metas=metas, queue=False)
-            )
-            self._runtime.store.flush_due()
-        else:
-            answers = self._loop.run_until_complete(
-                service.answer(queries, cache="read", queue=False)
-            )
-            self._write_remote([a.record for a in answers], metas)
+        answers = self._loop.run_until_complete(
+            service.answer(queries, dataset=self._dataset, metas=metas, queue=False)
+        )
+        self._runtime.store.flush_due()
         counts = JobProgress()
         counts.count_answers(answers)
         return counts
 
-    def _write_remote(self, records: list[Any], metas: list[dict[str, Any]]) -> None:
-        """Rows into the remote dataset's writer, published by the same flush policy
-        (``flush_rows`` pending rows, or the oldest ``flush_seconds`` old)."""
-        for record, meta in zip(records, metas, strict=True):
-            if record.key in self._held:
-                continue
-            self._remote.write(dataclasses.replace(record, meta=meta))
-            self._held.add(record.key)
-            self._oldest = self._oldest or time.monotonic()
-        pending = self._remote.pending_rows
-        if pending and (
-            pending >= self._flush_rows or time.monotonic() - self._oldest >= self._flush_seconds
-        ):
-            self.flush()
-
     def flush(self) -> None:
-        if self._remote is None:
-            self._runtime.store.flush(self._dataset)
-        else:
-            self._remote.flush()
-            self._oldest = None
+        self._runtime.store.flush(self._dataset)
 
     def close(self) -> None:
         """Publish what is pending and free the model (and the scratch directory)."""

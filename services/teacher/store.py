@@ -63,6 +63,7 @@ from distillcache.shared.schema import (
     adaptive_answers,
     as_exact_codecs,
 )
+from distillcache.shared.storage import is_uri
 from distillcache.shared.writer import ShardWriter, adaptive_cut
 
 from .identity import TeacherIdentity
@@ -173,9 +174,12 @@ class TeacherStore:
         self._clock = clock
         self._refreshed = clock()
 
-    def dataset_path(self, name: str) -> Path:
+    def dataset_path(self, name: str) -> Path | str:
         """The dataset's directory, which must be a real directory inside the data root:
-        resolved at every open, so a name later swapped for a symlink leads nowhere."""
+        resolved at every open, so a name later swapped for a symlink leads nowhere. A
+        dataset on object storage is named by its URI (a scale-out worker's output)."""
+        if is_uri(name):
+            return name
         path = self.data_root / check_dataset_name(name)
         if path.is_symlink() or not path.resolve().is_relative_to(self.data_root):
             raise DatasetError(f"{path}: a dataset must be a directory inside the data root")
@@ -195,7 +199,10 @@ class TeacherStore:
                     )
                 return
             info = self.identity.dataset_info(k, self.codec, sampling, self.adaptive)
-            if _repair_torn_manifest(self.dataset_path(name)):
+            if is_uri(name):
+                # Indexed like a read-only source, so its published keys are skipped too.
+                self.index.add_source(name)
+            elif _repair_torn_manifest(self.dataset_path(name)):
                 self.index.refresh_dataset(name)
             writer = ShardWriter(
                 self.dataset_path(name), info, row_group_tokens=self.row_group_tokens
