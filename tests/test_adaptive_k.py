@@ -20,23 +20,29 @@ from distillcache.shared.writer import ShardWriter
 K = 12
 
 
+def kept_count(p: list[float], rule: AdaptiveK) -> int:
+    """How many of one position's entries ``rule`` keeps, from their probabilities most
+    likely first, as docs/shard-format.md states the rule (float64, one at a time)."""
+    wanted = 0
+    if rule.mass is not None:
+        total, wanted = 0.0, len(p)
+        for n, pi in enumerate(p, start=1):
+            total += pi
+            if total >= rule.mass:
+                wanted = n
+                break
+    if rule.min_prob is not None:
+        wanted = max(wanted, sum(pi >= rule.min_prob for pi in p))
+    return min(max(wanted, rule.min_k), len(p))
+
+
 def reference(record, rule: AdaptiveK):
     """(kept ids sorted by id, their log-probs, tail log-prob) per position, in float64."""
     out = []
     for ids, lps in zip(record.topk_ids, record.topk_logprobs, strict=True):
         order = sorted(range(K), key=lambda i: -float(lps[i]))
         p = [math.exp(float(lps[i])) for i in order]
-        wanted = 0
-        if rule.mass is not None:
-            total, wanted = 0.0, K
-            for n, pi in enumerate(p, start=1):
-                total += pi
-                if total >= rule.mass:
-                    wanted = n
-                    break
-        if rule.min_prob is not None:
-            wanted = max(wanted, sum(pi >= rule.min_prob for pi in p))
-        n = min(max(wanted, rule.min_k), K)
+        n = kept_count(p, rule)
         kept = sorted(order[:n], key=lambda i: int(ids[i]))
         kept_mass = sum(p[:n])
         out.append(

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_adaptive_k import kept_count
 
 from distillcache.services.teacher.identity import TeacherIdentity
 from distillcache.services.teacher.store import TeacherStore
@@ -81,19 +82,7 @@ def kept_by(record: SequenceRecord, rule: AdaptiveK | None):
     ):
         order = sorted(range(K), key=lambda i: -float(lps[i]))
         p = [math.exp(float(lps[i])) for i in order]
-        n = K
-        if rule is not None:
-            wanted = 0
-            if rule.mass is not None:
-                total, wanted = 0.0, K
-                for m, pi in enumerate(p, start=1):
-                    total += pi
-                    if total >= rule.mass:
-                        wanted = m
-                        break
-            if rule.min_prob is not None:
-                wanted = max(wanted, sum(pi >= rule.min_prob for pi in p))
-            n = min(max(wanted, rule.min_k), K)
+        n = K if rule is None else kept_count(p, rule)
         dropped = sum(p[n:])
         out.append(
             (
