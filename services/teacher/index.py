@@ -39,6 +39,7 @@ from distillcache.shared.manifest import (
     find_manifest,
     is_dataset,
     quarantine_shard,
+    read_manifest,
 )
 from distillcache.shared.reader import RowGroupRef, ShardDataset, table_records
 from distillcache.shared.record import SequenceRecord
@@ -103,6 +104,9 @@ class CacheIndex:
         # Opened once (a remote one checks its credentials and bucket when opened), not at
         # every refresh.
         self.sources: dict[str, Storage] = {s: open_storage(s) for s in sources}
+        # A source that does not open stops the start, naming it (not a silent miss).
+        for storage in self.sources.values():
+            read_manifest(storage)
         self.db_path = db_path
         self._lock = threading.RLock()
         # One refresh at a time: two would read the same shards only to insert them twice.

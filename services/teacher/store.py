@@ -164,9 +164,6 @@ class TeacherStore:
         self.flush_seconds = flush_seconds
         self.row_group_tokens = row_group_tokens
         self.state_dir = self.data_root / STATE_DIR
-        # A source that does not open stops the start, naming it (not a silent miss).
-        for source in sources:
-            read_manifest(source)
         self.index = CacheIndex(self.data_root, self.state_dir / "index.sqlite", sources=sources)
         self.index.refresh()
         self._open: dict[str, _OpenDataset] = {}
