@@ -35,7 +35,7 @@ def world(tmp_path_factory):
     return {"tokenizer": tokenizer, "teacher": teacher, "shards": shards, "student": student}
 
 
-def torchrun(world, out: Path, *extra: str) -> None:
+def torchrun(world, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(DISTILL), "train",
@@ -49,6 +49,7 @@ def torchrun(world, out: Path, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
 
 
 def rank_state(checkpoint: Path, rank: int) -> dict:
@@ -102,8 +103,8 @@ def onpolicy_world(world, tmp_path_factory):
         yield {"student": student, "url": url, "served": root / "served"}
 
 
-def onpolicy_run(world, onpolicy_world, out: Path, *extra: str) -> None:
-    torchrun(
+def onpolicy_run(world, onpolicy_world, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return torchrun(
         world, out,
         "--student", str(onpolicy_world["student"]), "--loss", "reverse_kl",
         "--on-policy-fraction", "0.75", "--teacher-url", onpolicy_world["url"],
@@ -118,7 +119,8 @@ def test_fsdp_samples_in_lockstep_and_ends_with_the_weights_ddp_ends_with(
     """Under FSDP every rank joins each generation step (a collective) until all ranks'
     samples ended; it draws what a DDP rank draws, so both end with the same weights, and
     a stopped and resumed FSDP run ends there too."""
-    onpolicy_run(world, onpolicy_world, tmp_path / "ddp")
+    done = onpolicy_run(world, onpolicy_world, tmp_path / "ddp")
+    assert done.stderr.count("last training loss") == 1, "one summary, from rank 0"
     onpolicy_run(world, onpolicy_world, tmp_path / "fsdp", "--distributed", "fsdp",
                  "--stop-at-step", "2")  # fmt: skip
     onpolicy_run(world, onpolicy_world, tmp_path / "fsdp", "--distributed", "fsdp",
