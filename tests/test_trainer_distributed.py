@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from service_support import thread_server
 from trainer_support import max_weight_difference, task_tokenizer, tiny_model
 from trainer_support import write_teacher_shards as make_shards
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distillcache.shared.tiny_models import synthetic_task_rows
+from distillcache.services.teacher.settings import TeacherSettings
+from distillcache.shared.reader import ShardDataset
+from distillcache.shared.tiny_models import chat_texts, synthetic_task_rows, train_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +32,10 @@ def world(tmp_path_factory):
     rows = list(synthetic_task_rows(96, seed=4))
     shards = make_shards(teacher, rows, root / "shards", k=8, row_group_tokens=300)
     student = tiny_model(root / "student", tokenizer, hidden=64, seed=5)
-    return {"shards": shards, "student": student}
+    return {"tokenizer": tokenizer, "teacher": teacher, "shards": shards, "student": student}
 
 
-def torchrun(world, out: Path, *extra: str) -> None:
+def torchrun(world, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(DISTILL), "train",
@@ -46,6 +49,7 @@ def torchrun(world, out: Path, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
 
 
 def rank_state(checkpoint: Path, rank: int) -> dict:
@@ -82,3 +86,58 @@ def test_fsdp_run_stopped_and_resumed_ends_with_the_weights_ddp_ends_with(world,
     assert max_weight_difference(ddp_run, tmp_path) < 1e-5
     keys = [(tmp_path / f"keys-rank{r}.txt").read_text().split() for r in range(2)]
     assert keys == [(ddp_run / f"keys-rank{r}.txt").read_text().split() for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def onpolicy_world(world, tmp_path_factory):
+    """A teacher behind a real server and a student fitted to the task's chat transcripts,
+    so that its samples end (eos) after different numbers of tokens on the two ranks."""
+    root = tmp_path_factory.mktemp("onpolicy")
+    student = tiny_model(root / "student", world["tokenizer"], hidden=64, seed=5)
+    rows = list(synthetic_task_rows(64, seed=6))
+    train_tiny_model(student, chat_texts(rows, AutoTokenizer.from_pretrained(student)), steps=60)
+    settings = TeacherSettings(
+        model=str(world["teacher"]), data_root=root / "served", default_k=8, flush_rows=1
+    )
+    with thread_server(settings) as url:
+        yield {"student": student, "url": url, "served": root / "served"}
+
+
+def onpolicy_run(world, onpolicy_world, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return torchrun(
+        world, out,
+        "--student", str(onpolicy_world["student"]), "--loss", "reverse_kl",
+        "--on-policy-fraction", "0.75", "--teacher-url", onpolicy_world["url"],
+        "--sample-max-new-tokens", "40", "--max-length", "128",
+        *extra,
+    )  # fmt: skip
+
+
+def test_fsdp_samples_in_lockstep_and_ends_with_the_weights_ddp_ends_with(
+    world, onpolicy_world, tmp_path
+):
+    """Under FSDP every rank joins each generation step (a collective) until all ranks'
+    samples ended; it draws what a DDP rank draws, so both end with the same weights, and
+    a stopped and resumed FSDP run ends there too."""
+    done = onpolicy_run(world, onpolicy_world, tmp_path / "ddp")
+    assert done.stderr.count("last training loss") == 1, "one summary, from rank 0"
+    onpolicy_run(world, onpolicy_world, tmp_path / "fsdp", "--distributed", "fsdp",
+                 "--stop-at-step", "2")  # fmt: skip
+    onpolicy_run(world, onpolicy_world, tmp_path / "fsdp", "--distributed", "fsdp",
+                 "--resume", "auto")  # fmt: skip
+    assert max_weight_difference(tmp_path / "ddp", tmp_path / "fsdp") < 1e-5
+    rows = {}
+    for run in ("ddp", "fsdp"):
+        stored = ShardDataset(onpolicy_world["served"] / f"onpolicy-{run}").iter_records()
+        rows[run] = {(r.meta["step"], r.meta["rank"], r.meta["micro"], r.key) for r in stored}
+    assert rows["ddp"] == rows["fsdp"]
+    lengths = {}
+    for record in ShardDataset(onpolicy_world["served"] / "onpolicy-ddp").iter_records():
+        at = (record.meta["step"], record.meta["micro"])
+        lengths.setdefault(at, {}).setdefault(record.meta["rank"], []).append(
+            len(record.completion_ids)
+        )
+    # A rank generates until its longest sample ends: in some micro-batch the two ranks
+    # stopped after different numbers of tokens, which FSDP only survives in lockstep.
+    longest = [{max(v) for v in ranks.values()} for ranks in lengths.values()]
+    assert any(len(ends) > 1 for ends in longest), lengths

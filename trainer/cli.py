@@ -8,6 +8,7 @@ file's value survives unless a flag overrides it.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -54,7 +55,8 @@ def train(config: Path | None = None, **flags: Any) -> None:
     hf_logging.disable_progress_bar()
     began = time.monotonic()
     result = run_training(settings)
-    _summary(settings, result, time.monotonic() - began)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per rank
+        _summary(settings, result, time.monotonic() - began)
 
 
 def _summary(settings: TrainConfig, result: Path, seconds: float) -> None:
@@ -118,7 +120,6 @@ def _claim_output_dir(settings: TrainConfig) -> None:
     """A run never silently lands on another: an --output-dir holding a run needs --resume
     (continue it) or --overwrite (start over); one holding other files is refused.
     Under torchrun only rank 0 decides, before the process group forms."""
-    import os
     import shutil
 
     out = Path(settings.output_dir)

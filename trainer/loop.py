@@ -158,12 +158,15 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         return contextlib.nullcontext()
 
     fsdp = is_fsdp(wrapped)
-    eval_forward = wrapped if fsdp else unwrap(wrapped)
+    # Evaluation and sampling: forwards whose count differs across ranks. Under FSDP they
+    # go through the root (which gathers the head) in lockstep; under DDP they skip the
+    # wrapper (whose forward is a collective).
+    forward_only = wrapped if fsdp else unwrap(wrapped)
 
     def run_eval() -> dict[str, float]:
         module.eval()
         result = evaluate(
-            lambda batch: eval_forward(batch, evaluate=True),
+            lambda batch: forward_only(batch, evaluate=True),
             _eval_batches(data, config, env, tokenizer.pad_token_id),
             env,
             lockstep=fsdp,
@@ -237,7 +240,8 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
             if onpolicy is not None and onpolicy.is_on_policy(step):
                 # On-policy (GKD): the student's own samples; the data stream stays put.
                 micro = [
-                    (onpolicy.batch(model, step, i), position) for i in range(config.grad_accum)
+                    (onpolicy.batch(forward_only, step, i, lockstep=fsdp), position)
+                    for i in range(config.grad_accum)
                 ]
             else:
                 micro = [next(batches) for _ in range(config.grad_accum)]

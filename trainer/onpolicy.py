@@ -4,10 +4,16 @@ What this file decides, and why:
 
 - Whether a step is on-policy, and which prompts it samples from, is a function of
   (seed, step) alone: a resumed run makes the same choices without any saved state.
-- The student's sampling draws from its own RNG (a torch CPU generator state swapped in
-  around ``generate``), saved in each checkpoint (``state_dict``): a stopped and resumed
-  run samples the same tokens as a straight one, and the global torch RNG (dropout,
-  data order) is not disturbed by how many tokens were sampled.
+- The student's sampling draws from its own RNG (generator states swapped in around
+  ``generate``: the CPU one, and on CUDA the device's, where ``multinomial`` draws),
+  saved in each checkpoint (``state_dict``): a stopped and resumed run samples the same
+  tokens as a straight one, and the global torch RNG (dropout, data order) is not
+  disturbed by how many tokens were sampled.
+- Sampling enters through the training module's forward (``DistillStudent(generate=)``):
+  under FSDP that is what gathers the root's embedding and head. Ranks sample different
+  prompts, so under FSDP they generate in lockstep (``synced_gpus``): a rank whose
+  samples all ended keeps joining the other ranks' forward passes (each one a collective)
+  without drawing, so it draws exactly what it would alone.
 - Sampling is transformers ``generate`` with its KV cache, in eval mode (no dropout), at
   the student's temperature / top-p; the student's own top-N ids at each position (its
   raw T=1 logits) go to the teacher as ``score_ids``, so reverse KL is exact where the
@@ -140,15 +146,22 @@ class OnPolicy:
         self.rank = rank
         self.client = client or TeacherClient(config.teacher_url or "")
         self.dataset = dataset_name(config)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
-        self.rng_state = generator.get_state()
+        self.sampler_seed = config.seed * 1_000_003 + rank
+        self.rng_state = torch.Generator().manual_seed(self.sampler_seed).get_state()
+        # The CUDA generator's state, from the first sample on a CUDA device on.
+        self.cuda_rng_state: torch.Tensor | None = None
         self.cost = StepCost()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng_state.clone()}
+        state = {"rng": self.rng_state.clone()}
+        if self.cuda_rng_state is not None:
+            state["cuda_rng"] = self.cuda_rng_state.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng_state = state["rng"].clone()
+        cuda = state.get("cuda_rng")
+        self.cuda_rng_state = None if cuda is None else cuda.clone()
 
     def is_on_policy(self, step: int) -> bool:
         """Step ``step`` (0-based) is on-policy with probability on_policy_fraction."""
@@ -157,13 +170,17 @@ class OnPolicy:
             return True
         return bool(np.random.default_rng([self.config.seed, step, 0]).random() < fraction)
 
-    def batch(self, model: torch.nn.Module, step: int, micro: int) -> OnPolicyBatch:
-        """Micro-batch ``micro`` of step ``step``: sampled, scored, stored, laid out."""
+    def batch(
+        self, student: torch.nn.Module, step: int, micro: int, lockstep: bool = False
+    ) -> OnPolicyBatch:
+        """Micro-batch ``micro`` of step ``step``: sampled, scored, stored, laid out.
+        ``student`` is the training module (``DistillStudent``, or its FSDP root);
+        ``lockstep``: ranks generate together (FSDP)."""
         rng = np.random.default_rng([self.config.seed, step, 1, micro, self.rank])
         chosen = rng.choice(len(self.prompts), size=self.config.batch_size)
         prompts = [self.prompts[i] for i in chosen]
         start = time.perf_counter()
-        completions, student_top = self.sample(model, prompts)
+        completions, student_top = self.sample(student, prompts, lockstep)
         sampled = time.perf_counter()
         pairs = []
         for row, (prompt, completion, top) in enumerate(
@@ -172,7 +189,13 @@ class OnPolicy:
             pair: dict[str, Any] = {
                 "prompt_ids": prompt.tolist(),
                 "completion_ids": completion.tolist(),
-                "meta": {"step": step, "seed": self.config.seed, "micro": micro, "row": row},
+                "meta": {
+                    "step": step,
+                    "seed": self.config.seed,
+                    "rank": self.rank,
+                    "micro": micro,
+                    "row": row,
+                },
             }
             if self.config.score_top:
                 pair["score_ids"] = top.tolist()
@@ -196,11 +219,11 @@ class OnPolicy:
 
     @torch.no_grad()
     def sample(
-        self, model: torch.nn.Module, prompts: list[np.ndarray]
+        self, student: torch.nn.Module, prompts: list[np.ndarray], lockstep: bool = False
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Completions of ``prompts`` (each ending at the first eos, which is kept) and the
         student's top-``score_top`` ids at each completion position."""
-        config, device = self.config, next(model.parameters()).device
+        config, device = self.config, next(student.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -208,28 +231,38 @@ class OnPolicy:
         for row, prompt in enumerate(prompts):  # left padding, as generation wants
             input_ids[row, width - len(prompt) :] = torch.from_numpy(prompt)
             mask[row, width - len(prompt) :] = 1
-        was_training = model.training
-        model.eval()
+        generate = dict(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            temperature=config.sample_temperature,
+            top_p=config.sample_top_p,
+            top_k=0,
+            max_new_tokens=config.sample_max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            synced_gpus=lockstep,
+        )
+        cuda = device.type == "cuda"
+        was_training = student.training
+        student.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[device] if cuda else []):
                 torch.set_rng_state(self.rng_state)
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=config.sample_temperature,
-                    top_p=config.sample_top_p,
-                    top_k=0,
-                    max_new_tokens=config.sample_max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    use_cache=True,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
+                if cuda:
+                    if self.cuda_rng_state is None:
+                        seeded = torch.Generator(device).manual_seed(self.sampler_seed)
+                        self.cuda_rng_state = seeded.get_state()
+                    torch.cuda.set_rng_state(self.cuda_rng_state, device)
+                out = student(generate=generate)
                 self.rng_state = torch.get_rng_state()
+                if cuda:
+                    self.cuda_rng_state = torch.cuda.get_rng_state(device)
         finally:
-            model.train(was_training)
+            student.train(was_training)
         new = out.sequences[:, width:].cpu().numpy()
         logits = torch.stack(out.logits, dim=1)[..., : self.vocab_size].float().cpu()
         s = min(config.score_top, self.vocab_size)

@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.generation.utils import GenerateOutput
 
 from distillcache.shared.keys import tokenizer_hash
 from distillcache.shared.schema import DatasetInfo
@@ -97,8 +98,13 @@ class DistillStudent(nn.Module):
         self.cross = cross
 
     def forward(
-        self, batch: Batch, evaluate: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        self, batch: Batch | None = None, evaluate: bool = False, generate: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | GenerateOutput:
+        if generate is not None:
+            # On-policy sampling (``model.generate(**generate)``) enters here too: under
+            # FSDP only the root's forward gathers the embedding and the head.
+            return self.model.generate(**generate)
+        assert batch is not None
         hidden = self.model.base_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
