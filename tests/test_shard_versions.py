@@ -17,7 +17,7 @@ import pytest
 from distillcache.shared.export import export_dataset
 from distillcache.shared.manifest import LEGACY_MANIFEST, MANIFEST, DatasetError
 from distillcache.shared.reader import ShardDataset, verify_dataset
-from distillcache.shared.schema import SCHEMA_VERSION
+from distillcache.shared.schema import layout_version
 from distillcache.shared.writer import ShardWriter
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -44,11 +44,12 @@ def test_a_v1_dataset_is_not_appended_to_and_exports_into_the_current_layout(tmp
     shutil.copytree(FIXTURES / "v1-dataset", root)
     info = ShardDataset(root).info
     with pytest.raises(DatasetError, match="schema_version.*distill export"):
-        ShardWriter(root, info.model_copy(update={"schema_version": SCHEMA_VERSION}))
+        ShardWriter(root, info.model_copy(update={"schema_version": layout_version(False)}))
 
     out = tmp_path / "v2"
     manifest = export_dataset(root, out, "cbrt-u8")
-    assert manifest.schema_version == SCHEMA_VERSION and manifest.info.precision is None
+    assert manifest.schema_version == layout_version(False) == 2
+    assert manifest.info.precision is None
     assert (out / MANIFEST).is_file() and not (out / LEGACY_MANIFEST).exists()
     want = json.loads((FIXTURES / "v1-dataset-rows.json").read_text())
     assert [_plain(row) for row in ShardDataset(out).iter_records(verify=True)] == want
