@@ -125,7 +125,7 @@ async def _answer(
         return Response(status_code=CLIENT_CLOSED)
     codec = settings.logprob_codec
     if wants_arrow(request.headers.get("accept")):
-        info = rt.store.identity.dataset_info(queries[0].k, codec, None, rt.store.adaptive)
+        info = rt.store.dataset_info(queries[0].k, None)
         body = await asyncio.to_thread(encode_answers, answers, info)
         return Response(body, media_type=ARROW_STREAM)
 

@@ -84,6 +84,7 @@ async def build_runtime(
             row_group_tokens=settings.row_group_tokens,
             sources=settings.cache_sources,
             adaptive=settings.adaptive_k,
+            sampled=settings.sampled,
         )
         jobs = JobStore(store.state_dir / "jobs.sqlite")
     except BaseException:
