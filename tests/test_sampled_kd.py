@@ -44,6 +44,9 @@ ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 DRAWS = 128
 TEMPERATURE = 1.5
 SAMPLED_FLAGS = ["--sampled-draws", str(DRAWS), "--sample-temperature", str(TEMPERATURE)]
+# The module's HTTP server (tests/conftest.py's ``server``) draws too; the one-byte codec
+# named here must not round its answers (ln(count / N) are served exact).
+SERVER_SETTINGS = {"sampled_draws": 32, "logprob_codec": "cbrt-u8", "flush_rows": 1}
 
 
 # --- the estimator ------------------------------------------------------------------
@@ -343,6 +346,20 @@ def test_the_draws_follow_the_teachers_tempered_softmax(captured, teacher_model)
     # The same statistic tells the untempered teacher (here nearly uniform anyway: top
     # probabilities about 0.01 of 400 tokens) from the tempered one.
     assert chi_square(rows, tempered(1.0)) > 2 * bound
+
+
+def test_http_answers_are_the_draws_fresh_or_cached(client, server):
+    body = {"prompt": "What is 2 + 3?", "max_tokens": 5, "k": 4}
+    fresh = client.post("/v1/generate", json=body).json()
+    again = client.post("/v1/generate", json=body).json()
+    assert not fresh["cached"] and again["cached"]
+    assert {**again, "cached": False} == fresh
+    for ids, lps in zip(fresh["topk_ids"], fresh["topk_logprobs"], strict=True):
+        counts = np.exp(np.asarray(lps, dtype=np.float64)) * 32
+        assert np.allclose(counts, np.rint(counts), atol=1e-4) and np.rint(counts).sum() == 32
+        assert len(set(ids)) == len(ids)
+    stored = ShardDataset(server.data / fresh["dataset"])
+    assert stored.info.sampled == SampledLogits(draws=32) and "-s" in fresh["dataset"]
 
 
 def test_vllm_refuses_the_sampled_mode_at_start_naming_the_backend(tmp_path):

@@ -78,7 +78,7 @@ async def build_runtime(
             TeacherStore,
             settings.data_root,
             TeacherIdentity.of(backend),
-            codec=settings.logprob_codec,
+            codec=settings.stored_codec,
             flush_rows=settings.flush_rows,
             flush_seconds=settings.flush_seconds,
             row_group_tokens=settings.row_group_tokens,

@@ -209,6 +209,12 @@ class TeacherSettings(BaseSettings):
         return self
 
     @property
+    def stored_codec(self) -> LogprobCodec:
+        """The codec answers are stored and served with: in sampled mode the entries are
+        ``ln(count / N)``, kept exact (float32), whatever ``logprob_codec`` says."""
+        return "float32" if self.sampled_draws is not None else self.logprob_codec
+
+    @property
     def sampled(self) -> SampledLogits | None:
         """How every dataset's positions are drawn (None: the top-k is stored)."""
         if self.sampled_draws is None:
