@@ -16,6 +16,11 @@ loss the student gets from it:
   ``-sum_i (c_i / N) log p(x_i)`` is an unbiased estimate of the cross-entropy
   ``-sum_x q(x) log p(x)``, so its gradient is an unbiased estimate of forward
   KL(q || p)'s (the teacher's entropy has none). No log-probs and no tail are stored.
+  The draws go through the project's own path: written as a sampled dataset by
+  ``ShardWriter`` (schema version 3), read back by ``ShardDataset`` as the trainer reads
+  them, and trained with the trainer's ``sampled_targets`` / ``sampled_cross_entropy``
+  (the functions ``sparse_kd.chunked_head_loss`` runs on a sampled dataset); the whole
+  dataset's bytes per token are printed beside the per-position figure of the table.
 
 The teacher is a tiny Qwen2 fitted to the synthetic arithmetic task for a few steps (so its
 distribution is peaked but has a tail), its outputs softened by ``--teacher-temperature``
@@ -50,7 +55,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillcache.shared.codec import encode_logprobs, tail_logprob
-from distillcache.shared.schema import AdaptiveK
+from distillcache.shared.reader import ShardDataset
+from distillcache.shared.record import SequenceRecord
+from distillcache.shared.schema import AdaptiveK, DatasetInfo, SampledLogits
 from distillcache.shared.tiny_models import (
     build_tiny_model,
     chat_texts,
@@ -58,8 +65,14 @@ from distillcache.shared.tiny_models import (
     train_tiny_model,
     train_tokenizer,
 )
-from distillcache.shared.writer import adaptive_counts
-from distillcache.trainer.losses import forward_kl, student_log_probs, teacher_log_probs
+from distillcache.shared.writer import ShardWriter, adaptive_counts
+from distillcache.trainer.losses import (
+    forward_kl,
+    sampled_cross_entropy,
+    sampled_targets,
+    student_log_probs,
+    teacher_log_probs,
+)
 from distillcache.trainer.sparse_kd import unpadded
 
 MAX_ADAPTIVE = 64
@@ -99,6 +112,39 @@ def sample(q_log: torch.Tensor, draws: int, gen: torch.Generator):
         u, c = torch.unique(row, return_counts=True)
         ids[j, : len(u)], counts[j, : len(u)] = u, c.float()
     return ids, counts
+
+
+def through_shards(data, stored, draws: int, root: Path, vocab: int):
+    """The sampled mode as a capture stores it: every sequence's draws (``stored``, from
+    ``store``) written as a sampled dataset and read back as the trainer reads it.
+    Returns (per sequence the (ids, ln(count / N)) targets, padded -1 / -inf; the
+    dataset's bytes per position)."""
+    info = DatasetInfo(
+        teacher_model="bench-teacher", tokenizer="bench", tokenizer_hash="bench",
+        vocab_size=vocab, logit_width=vocab, k=draws, sampled=SampledLogits(draws=draws),
+        logprob_codec="float32", backend="bench", backend_version="0",
+    )  # fmt: skip
+    with ShardWriter(root, info, writer_id="bench") as writer:
+        for i, ((ids, q), (drawn, counts)) in enumerate(zip(data, stored, strict=True)):
+            width = torch.full((len(q), draws), -1, dtype=torch.long)
+            width[:, : drawn.shape[1]] = drawn
+            logw = torch.full((len(q), draws), float("-inf"))
+            logw[:, : counts.shape[1]] = (counts / draws).log()
+            writer.write(
+                SequenceRecord(
+                    key=f"{i:064x}", prompt_ids=ids[:1].numpy(), completion_ids=ids[1:].numpy(),
+                    topk_ids=width.numpy(), topk_logprobs=logw.numpy(),
+                    token_logprob=q.gather(1, ids[1:, None])[:, 0].numpy(),
+                    tail_logprob=np.full(len(q), -np.inf, np.float32),
+                )
+            )  # fmt: skip
+    dataset = ShardDataset(root)
+    by_key = {r.key: r for r in dataset.iter_records(verify=True)}
+    targets = [
+        (torch.from_numpy(r.topk_ids).long(), torch.from_numpy(r.topk_logprobs))
+        for r in (by_key[f"{i:064x}"] for i in range(len(data)))
+    ]
+    return targets, dataset.manifest.bytes / dataset.manifest.tokens
 
 
 def top_entries(q_log: torch.Tensor, counts: np.ndarray):
@@ -180,9 +226,13 @@ def loss_of(mode, logits, target):
     if mode == "full":
         return forward_kl(target, log_p).sum()
     if mode == "sampled":
-        ids, counts = target
-        gathered = log_p.gather(1, ids.clamp(min=0))
-        return -(counts / counts.sum(-1, keepdim=True) * gathered).sum()
+        ids, empty = unpadded(target[0])
+        top = logits.gather(1, ids)
+        if empty is not None:
+            top = top.masked_fill(empty, float("-inf"))
+        rest = logits.scatter(1, ids, float("-inf")).logsumexp(-1)
+        student = student_log_probs(top, rest, 1.0, "bucket")
+        return sampled_cross_entropy(sampled_targets(target[1], empty), student).sum()
     ids, values, tail = target
     ids, empty = unpadded(ids)
     top = logits.gather(1, ids)
@@ -282,7 +332,14 @@ def main() -> None:
             results.setdefault(("-", "full"), []).append(full)
         for draws in args.draws:
             gen = torch.Generator().manual_seed(draws)
-            sampled, s_bytes, s_entries = store("sampled", train, draws, 0, 0, gen)
+            drawn, s_bytes, s_entries = store("sampled", train, draws, 0, 0, gen)
+            sampled, dataset_bytes = through_shards(
+                train, drawn, draws, workdir / f"sampled-{draws}", vocab
+            )
+            print(
+                f"N={draws}: the sampled dataset (ShardWriter, every column) holds"
+                f" {dataset_bytes:.1f} B/token; the table counts the draws' columns only"
+            )
             # The k whose bytes come closest to the sampled mode's.
             k = max(1, round(s_entries) - 2)
             topk, t_bytes, t_entries = store("top-k", train, 0, k, 0, gen)
