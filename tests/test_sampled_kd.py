@@ -199,6 +199,51 @@ def test_the_layout_round_trips_and_reads_in_pyarrow_pandas_and_duckdb(tmp_path)
         assert ids == sorted(want) and np.allclose(lp, [want[i] for i in ids], atol=1e-6)
 
 
+def test_every_ecosystem_reader_sees_the_same_draws(tmp_path):
+    """pyarrow, pandas, polars, DuckDB and datasets, on the directory as it is, against
+    the records' draws sorted by id."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    from datasets import load_dataset
+
+    rng = np.random.default_rng(2)
+    records = [sampled_record(f"{i:064x}", 3 + i, 16, rng) for i in range(7)]
+    root = tmp_path / "s"
+    with ShardWriter(root, sampled_info(16), max_shard_rows=3) as writer:
+        writer.write_many(records)
+    want = {}
+    for r in records:
+        ids, counts = [], []
+        for j in range(r.n_scored):
+            real = r.topk_ids[j] != PAD_ID
+            order = np.argsort(r.topk_ids[j][real])
+            ids.append(r.topk_ids[j][real][order].tolist())
+            counts.append(
+                np.rint(np.exp(r.topk_logprobs[j][real][order]) * 16).astype(int).tolist()
+            )
+        want[r.key] = (ids, counts)
+    cols = ["key", "sample_ids", "sample_counts"]
+    t = pq.read_table(root, columns=cols)
+    df = pd.read_parquet(root, columns=cols)
+    pdf = pl.read_parquet(f"{root}/*.parquet", columns=cols)
+    rel = duckdb.sql(f"SELECT {', '.join(cols)} FROM read_parquet('{root}/*.parquet')")
+    hf = load_dataset("parquet", data_dir=str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    readers = {
+        "pyarrow": zip(*(t.column(c).to_pylist() for c in cols), strict=True),
+        "pandas": zip(*(df[c].tolist() for c in cols), strict=True),
+        "polars": zip(*(pdf[c].to_list() for c in cols), strict=True),
+        "duckdb": rel.fetchall(),
+        "datasets": zip(*(hf[c] for c in cols), strict=True),
+    }
+    for reader, rows in readers.items():
+        got = {
+            key: ([list(map(int, i)) for i in ids], [list(map(int, c)) for c in counts])
+            for key, ids, counts in rows
+        }
+        assert got == want, reader
+
+
 def test_counts_that_are_not_n_draws_are_refused_naming_the_record(tmp_path):
     rng = np.random.default_rng(1)
     record = sampled_record("ab" * 32, 3, 40, rng)
