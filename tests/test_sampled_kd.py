@@ -407,6 +407,28 @@ def test_http_answers_are_the_draws_fresh_or_cached(client, server):
     assert stored.info.sampled == SampledLogits(draws=32) and "-s" in fresh["dataset"]
 
 
+def test_http_arrow_answers_are_a_sampled_shards_rows(client):
+    import pyarrow as pa
+
+    from distillcache.shared.reader import decode_table
+    from distillcache.shared.schema import PARQUET_METADATA_KEY
+
+    body = {"pairs": [{"prompt": "What is 4 + 4?", "completion": "It is 8."}], "k": 4}
+    arrow = client.post(
+        "/v1/score", json=body, headers={"Accept": "application/vnd.apache.arrow.stream"}
+    )
+    assert arrow.status_code == 200
+    table = pa.ipc.open_stream(arrow.content).read_all()
+    info = DatasetInfo.model_validate_json(table.schema.metadata[PARQUET_METADATA_KEY])
+    assert info.sampled == SampledLogits(draws=32)
+    assert all(sum(c) == 32 for c in table.column("sample_counts").to_pylist()[0])
+    batch = decode_table(table, info)
+    as_json = client.post("/v1/score", json=body).json()["results"][0]
+    assert [sorted(ids[ids != PAD_ID].tolist()) for ids in batch.topk_ids] == [
+        sorted(ids) for ids in as_json["topk_ids"]
+    ]
+
+
 def test_vllm_refuses_the_sampled_mode_at_start_naming_the_backend(tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", question_rows(1))
     result = CliRunner().invoke(
