@@ -429,6 +429,19 @@ def test_http_arrow_answers_are_a_sampled_shards_rows(client):
     ]
 
 
+def test_the_on_policy_client_refuses_a_sampled_teacher(client, server):
+    from distillcache.trainer.teacher_client import TeacherClient
+
+    answer = client.post("/v1/generate", json={"prompt": "What is 1 + 1?", "max_tokens": 3}).json()
+    pair = {"prompt_ids": answer["prompt_ids"], "completion_ids": answer["completion_ids"]}
+    teacher = TeacherClient(server.url)
+    try:
+        with pytest.raises(ValueError, match="stores sampled draws .* on-policy training needs"):
+            teacher.score([pair], k=4, dataset=None)
+    finally:
+        teacher.close()
+
+
 def test_vllm_refuses_the_sampled_mode_at_start_naming_the_backend(tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", question_rows(1))
     result = CliRunner().invoke(
