@@ -16,7 +16,9 @@ loss the student gets from it:
   ``-sum_i (c_i / N) log p(x_i)`` is an unbiased estimate of the cross-entropy
   ``-sum_x q(x) log p(x)``, so its gradient is an unbiased estimate of forward
   KL(q || p)'s (the teacher's entropy has none). No log-probs and no tail are stored.
-  The draws go through the project's own path: written as a sampled dataset by
+  The draws go through the project's own path: drawn by the transformers teacher
+  backend (a sampled score query at the teacher temperature, as ``distill cache
+  --sampled-draws N --sample-temperature T`` asks it), written as a sampled dataset by
   ``ShardWriter`` (schema version 3), read back by ``ShardDataset`` as the trainer reads
   them, and trained with the trainer's ``sampled_targets`` / ``sampled_cross_entropy``
   (the functions ``sparse_kd.chunked_head_loss`` runs on a sampled dataset); the whole
@@ -42,6 +44,7 @@ to the sampled mode's, adaptive the min_prob that keeps as many entries as that 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import statistics
 import tempfile
@@ -54,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distillcache.services.teacher.backend import Query
+from distillcache.services.teacher.backend_transformers import TransformersBackend
 from distillcache.shared.codec import encode_logprobs, tail_logprob
 from distillcache.shared.reader import ShardDataset
 from distillcache.shared.record import SequenceRecord
@@ -99,31 +104,45 @@ def world(workdir: Path, teacher_steps: int, teacher_temperature: float):
                 out.append((ids, q))
         return out
 
-    return encode(rows[:400]), encode(rows[400:]), len(tokenizer)
+    return encode(rows[:400]), encode(rows[400:]), len(tokenizer), teacher
 
 
-def sample(q_log: torch.Tensor, draws: int, gen: torch.Generator):
-    """RS-KD's stored form: per position the distinct drawn ids and their counts."""
-    picks = torch.multinomial(q_log.exp(), draws, replacement=True, generator=gen)
-    width = max(len(torch.unique(row)) for row in picks)
-    ids = torch.full((len(picks), width), -1, dtype=torch.long)
-    counts = torch.zeros((len(picks), width))
-    for j, row in enumerate(picks):
-        u, c = torch.unique(row, return_counts=True)
-        ids[j, : len(u)], counts[j, : len(u)] = u, c.float()
-    return ids, counts
+def capture_draws(teacher: Path, data, draws: int, temperature: float):
+    """RS-KD's stored form, drawn by the project's transformers backend: per sequence,
+    per position the distinct drawn ids (padded -1) and their counts (0 there). Each
+    sequence is a sampled score query of its first token and the rest, seeded per
+    sequence and budget (the service seeds from the cache key)."""
+    sampled = SampledLogits(draws=draws, temperature=temperature)
+    backend = TransformersBackend(teacher)
+    queries = [
+        Query("score", (int(ids[0]),), draws, completion_ids=tuple(ids[1:].tolist()),
+              sampled=sampled, draw_seed=draws * 1_000_003 + i)
+        for i, (ids, _) in enumerate(data)
+    ]  # fmt: skip
+    try:
+        outputs = asyncio.run(backend.score(queries))
+    finally:
+        asyncio.run(backend.close())
+    return [
+        (
+            torch.from_numpy(out.topk_ids).long(),
+            torch.from_numpy(np.rint(np.exp(out.topk_logprobs.astype(np.float64)) * draws)),
+        )
+        for out in outputs
+    ]
 
 
-def through_shards(data, stored, draws: int, root: Path, vocab: int):
+def through_shards(data, stored, sampled: SampledLogits, root: Path, vocab: int):
     """The sampled mode as a capture stores it: every sequence's draws (``stored``, from
     ``store``) written as a sampled dataset and read back as the trainer reads it.
     Returns (per sequence the (ids, ln(count / N)) targets, padded -1 / -inf; the
     dataset's bytes per position)."""
     info = DatasetInfo(
         teacher_model="bench-teacher", tokenizer="bench", tokenizer_hash="bench",
-        vocab_size=vocab, logit_width=vocab, k=draws, sampled=SampledLogits(draws=draws),
+        vocab_size=vocab, logit_width=vocab, k=sampled.draws, sampled=sampled,
         logprob_codec="float32", backend="bench", backend_version="0",
     )  # fmt: skip
+    draws = sampled.draws
     with ShardWriter(root, info, writer_id="bench") as writer:
         for i, ((ids, q), (drawn, counts)) in enumerate(zip(data, stored, strict=True)):
             width = torch.full((len(q), draws), -1, dtype=torch.long)
@@ -190,13 +209,14 @@ def nested(ids: list[np.ndarray], values: list[np.ndarray], dtype) -> tuple[pa.A
     )
 
 
-def store(mode, data, draws, k, min_prob, gen):
-    """Each sequence's stored form for ``mode``, its bytes per position (zstd Parquet of
-    what the mode stores) and its mean entries per position."""
+def store(mode, data, drawn, k, min_prob):
+    """Each sequence's stored form for ``mode`` (sampled: ``drawn``, from
+    ``capture_draws``), its bytes per position (zstd Parquet of what the mode stores) and
+    its mean entries per position."""
     stored, ids_rows, val_rows, tail_rows = [], [], [], []
-    for _, q in data:
+    for i, (_, q) in enumerate(data):
         if mode == "sampled":
-            ids, counts = sample(q, draws, gen)
+            ids, counts = drawn[i]
             stored.append((ids, counts))
             ids_rows.append(ids.numpy())
             val_rows.append(counts.numpy().astype(np.uint8))
@@ -306,7 +326,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        train, held_out, vocab = world(workdir, args.teacher_steps, args.teacher_temperature)
+        train, held_out, vocab, teacher = world(
+            workdir, args.teacher_steps, args.teacher_temperature
+        )
         q = torch.cat([q for _, q in train])
         p = q.exp()
         entropy = -(p * q.clamp(min=-1e30)).sum(-1).mean().item()
@@ -331,10 +353,11 @@ def main() -> None:
             full = (4.0 * vocab, float(vocab), *evaluate(model, held_out))  # float32 each
             results.setdefault(("-", "full"), []).append(full)
         for draws in args.draws:
-            gen = torch.Generator().manual_seed(draws)
-            drawn, s_bytes, s_entries = store("sampled", train, draws, 0, 0, gen)
+            drawn = capture_draws(teacher, train, draws, args.teacher_temperature)
+            drawn, s_bytes, s_entries = store("sampled", train, drawn, 0, 0)
+            mode = SampledLogits(draws=draws, temperature=args.teacher_temperature)
             sampled, dataset_bytes = through_shards(
-                train, drawn, draws, workdir / f"sampled-{draws}", vocab
+                train, drawn, mode, workdir / f"sampled-{draws}", vocab
             )
             print(
                 f"N={draws}: the sampled dataset (ShardWriter, every column) holds"
@@ -342,9 +365,9 @@ def main() -> None:
             )
             # The k whose bytes come closest to the sampled mode's.
             k = max(1, round(s_entries) - 2)
-            topk, t_bytes, t_entries = store("top-k", train, 0, k, 0, gen)
+            topk, t_bytes, t_entries = store("top-k", train, None, k, 0)
             while t_bytes < s_bytes:
-                bigger = store("top-k", train, 0, k + 1, 0, gen)
+                bigger = store("top-k", train, None, k + 1, 0)
                 if abs(bigger[1] - s_bytes) > abs(t_bytes - s_bytes):
                     break
                 k, (topk, t_bytes, t_entries) = k + 1, bigger
@@ -356,7 +379,7 @@ def main() -> None:
                     q.topk(MAX_ADAPTIVE, -1).values.numpy(), AdaptiveK(min_prob=mid)
                 )
                 low, high = (mid, high) if n.mean() > t_entries else (low, mid)
-            adaptive, a_bytes, a_entries = store("adaptive", train, 0, 0, high, gen)
+            adaptive, a_bytes, a_entries = store("adaptive", train, None, 0, high)
             budget = f"N={draws}"
             modes = {
                 "sampled": (sampled, s_bytes, s_entries),
