@@ -208,7 +208,8 @@ class TransformersBackend:
         captures = [_Capture([], [], []) for _ in batch]
         completions: list[list[int]] = [[] for _ in batch]
         finish = ["length"] * len(batch)
-        max_k = max((r.k for r in batch if r.sampled is None), default=0)
+        # None: every query of the batch draws instead (k may be 0 for a top-k one).
+        max_k = max((r.k for r in batch if r.sampled is None), default=None)
         active = list(range(len(batch)))
         cache = DynamicCache(config=self.model.config)
         step_ids = input_ids
@@ -227,7 +228,7 @@ class TransformersBackend:
                 logprobs, [batch[i].sampling for i in active], [generators[i] for i in active]
             )
             token_logprobs = logprobs.gather(-1, tokens[:, None])[:, 0]
-            if max_k:
+            if max_k is not None:
                 topk_logprobs, topk_ids = logprobs.topk(max_k, dim=-1)
             still = []
             for row, (index, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
