@@ -339,6 +339,18 @@ def test_sampled_and_top_k_rows_never_answer_each_other(captured):
     assert runs["b/sampled"] == (8, 0), "top-k rows answered a sampled request"
 
 
+def test_a_rerun_in_another_mode_is_refused_naming_it(captured, teacher_model):
+    root, _ = captured
+    for flags in (["--sampled-draws", "8"], ["--k", "16"]):
+        result = subprocess.run(
+            [DISTILL, "cache", str(root / "pairs.jsonl"), "--teacher", str(teacher_model),
+             "--out", str(root / "a" / "sampled"), *flags],
+            capture_output=True, text=True, env=ENV, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert "sampled" in result.stderr and "use a new --out" in result.stderr
+
+
 def equal_mass_bins(log_q: torch.Tensor, bins: int) -> torch.Tensor:
     """Per row of ``log_q`` [P, V] the bin of each id: ids by decreasing probability, cut
     where the cumulative mass crosses a multiple of 1/bins (at each id's midpoint)."""
