@@ -16,6 +16,13 @@ loss the student gets from it:
   ``-sum_i (c_i / N) log p(x_i)`` is an unbiased estimate of the cross-entropy
   ``-sum_x q(x) log p(x)``, so its gradient is an unbiased estimate of forward
   KL(q || p)'s (the teacher's entropy has none). No log-probs and no tail are stored.
+  The draws go through the project's own path: drawn by the transformers teacher
+  backend (a sampled score query at the teacher temperature, as ``distill cache
+  --sampled-draws N --sample-temperature T`` asks it), written as a sampled dataset by
+  ``ShardWriter`` (schema version 3), read back by ``ShardDataset`` as the trainer reads
+  them, and trained with the trainer's ``sampled_targets`` / ``sampled_cross_entropy``
+  (the functions ``sparse_kd.chunked_head_loss`` runs on a sampled dataset); the whole
+  dataset's bytes per token are printed beside the per-position figure of the table.
 
 The teacher is a tiny Qwen2 fitted to the synthetic arithmetic task for a few steps (so its
 distribution is peaked but has a tail), its outputs softened by ``--teacher-temperature``
@@ -37,6 +44,7 @@ to the sampled mode's, adaptive the min_prob that keeps as many entries as that 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import statistics
 import tempfile
@@ -49,8 +57,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distillcache.services.teacher.backend import Query
+from distillcache.services.teacher.backend_transformers import TransformersBackend
 from distillcache.shared.codec import encode_logprobs, tail_logprob
-from distillcache.shared.schema import AdaptiveK
+from distillcache.shared.reader import ShardDataset
+from distillcache.shared.record import SequenceRecord
+from distillcache.shared.schema import AdaptiveK, DatasetInfo, SampledLogits
 from distillcache.shared.tiny_models import (
     build_tiny_model,
     chat_texts,
@@ -58,8 +70,14 @@ from distillcache.shared.tiny_models import (
     train_tiny_model,
     train_tokenizer,
 )
-from distillcache.shared.writer import adaptive_counts
-from distillcache.trainer.losses import forward_kl, student_log_probs, teacher_log_probs
+from distillcache.shared.writer import ShardWriter, adaptive_counts
+from distillcache.trainer.losses import (
+    forward_kl,
+    sampled_cross_entropy,
+    sampled_targets,
+    student_log_probs,
+    teacher_log_probs,
+)
 from distillcache.trainer.sparse_kd import unpadded
 
 MAX_ADAPTIVE = 64
@@ -86,19 +104,66 @@ def world(workdir: Path, teacher_steps: int, teacher_temperature: float):
                 out.append((ids, q))
         return out
 
-    return encode(rows[:400]), encode(rows[400:]), len(tokenizer)
+    return encode(rows[:400]), encode(rows[400:]), len(tokenizer), teacher
 
 
-def sample(q_log: torch.Tensor, draws: int, gen: torch.Generator):
-    """RS-KD's stored form: per position the distinct drawn ids and their counts."""
-    picks = torch.multinomial(q_log.exp(), draws, replacement=True, generator=gen)
-    width = max(len(torch.unique(row)) for row in picks)
-    ids = torch.full((len(picks), width), -1, dtype=torch.long)
-    counts = torch.zeros((len(picks), width))
-    for j, row in enumerate(picks):
-        u, c = torch.unique(row, return_counts=True)
-        ids[j, : len(u)], counts[j, : len(u)] = u, c.float()
-    return ids, counts
+def capture_draws(teacher: Path, data, draws: int, temperature: float):
+    """RS-KD's stored form, drawn by the project's transformers backend: per sequence,
+    per position the distinct drawn ids (padded -1) and their counts (0 there). Each
+    sequence is a sampled score query of its first token and the rest, seeded per
+    sequence and budget (the service seeds from the cache key)."""
+    sampled = SampledLogits(draws=draws, temperature=temperature)
+    backend = TransformersBackend(teacher)
+    queries = [
+        Query("score", (int(ids[0]),), draws, completion_ids=tuple(ids[1:].tolist()),
+              sampled=sampled, draw_seed=draws * 1_000_003 + i)
+        for i, (ids, _) in enumerate(data)
+    ]  # fmt: skip
+    try:
+        outputs = asyncio.run(backend.score(queries))
+    finally:
+        asyncio.run(backend.close())
+    return [
+        (
+            torch.from_numpy(out.topk_ids).long(),
+            torch.from_numpy(np.rint(np.exp(out.topk_logprobs.astype(np.float64)) * draws)),
+        )
+        for out in outputs
+    ]
+
+
+def through_shards(data, stored, sampled: SampledLogits, root: Path, vocab: int):
+    """The sampled mode as a capture stores it: every sequence's draws (``stored``, from
+    ``store``) written as a sampled dataset and read back as the trainer reads it.
+    Returns (per sequence the (ids, ln(count / N)) targets, padded -1 / -inf; the
+    dataset's bytes per position)."""
+    info = DatasetInfo(
+        teacher_model="bench-teacher", tokenizer="bench", tokenizer_hash="bench",
+        vocab_size=vocab, logit_width=vocab, k=sampled.draws, sampled=sampled,
+        logprob_codec="float32", backend="bench", backend_version="0",
+    )  # fmt: skip
+    draws = sampled.draws
+    with ShardWriter(root, info, writer_id="bench") as writer:
+        for i, ((ids, q), (drawn, counts)) in enumerate(zip(data, stored, strict=True)):
+            width = torch.full((len(q), draws), -1, dtype=torch.long)
+            width[:, : drawn.shape[1]] = drawn
+            logw = torch.full((len(q), draws), float("-inf"))
+            logw[:, : counts.shape[1]] = (counts / draws).log()
+            writer.write(
+                SequenceRecord(
+                    key=f"{i:064x}", prompt_ids=ids[:1].numpy(), completion_ids=ids[1:].numpy(),
+                    topk_ids=width.numpy(), topk_logprobs=logw.numpy(),
+                    token_logprob=q.gather(1, ids[1:, None])[:, 0].numpy(),
+                    tail_logprob=np.full(len(q), -np.inf, np.float32),
+                )
+            )  # fmt: skip
+    dataset = ShardDataset(root)
+    by_key = {r.key: r for r in dataset.iter_records(verify=True)}
+    targets = [
+        (torch.from_numpy(r.topk_ids).long(), torch.from_numpy(r.topk_logprobs))
+        for r in (by_key[f"{i:064x}"] for i in range(len(data)))
+    ]
+    return targets, dataset.manifest.bytes / dataset.manifest.tokens
 
 
 def top_entries(q_log: torch.Tensor, counts: np.ndarray):
@@ -144,13 +209,14 @@ def nested(ids: list[np.ndarray], values: list[np.ndarray], dtype) -> tuple[pa.A
     )
 
 
-def store(mode, data, draws, k, min_prob, gen):
-    """Each sequence's stored form for ``mode``, its bytes per position (zstd Parquet of
-    what the mode stores) and its mean entries per position."""
+def store(mode, data, drawn, k, min_prob):
+    """Each sequence's stored form for ``mode`` (sampled: ``drawn``, from
+    ``capture_draws``), its bytes per position (zstd Parquet of what the mode stores) and
+    its mean entries per position."""
     stored, ids_rows, val_rows, tail_rows = [], [], [], []
-    for _, q in data:
+    for i, (_, q) in enumerate(data):
         if mode == "sampled":
-            ids, counts = sample(q, draws, gen)
+            ids, counts = drawn[i]
             stored.append((ids, counts))
             ids_rows.append(ids.numpy())
             val_rows.append(counts.numpy().astype(np.uint8))
@@ -180,9 +246,13 @@ def loss_of(mode, logits, target):
     if mode == "full":
         return forward_kl(target, log_p).sum()
     if mode == "sampled":
-        ids, counts = target
-        gathered = log_p.gather(1, ids.clamp(min=0))
-        return -(counts / counts.sum(-1, keepdim=True) * gathered).sum()
+        ids, empty = unpadded(target[0])
+        top = logits.gather(1, ids)
+        if empty is not None:
+            top = top.masked_fill(empty, float("-inf"))
+        rest = logits.scatter(1, ids, float("-inf")).logsumexp(-1)
+        student = student_log_probs(top, rest, 1.0, "bucket")
+        return sampled_cross_entropy(sampled_targets(target[1], empty), student).sum()
     ids, values, tail = target
     ids, empty = unpadded(ids)
     top = logits.gather(1, ids)
@@ -256,7 +326,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        train, held_out, vocab = world(workdir, args.teacher_steps, args.teacher_temperature)
+        train, held_out, vocab, teacher = world(
+            workdir, args.teacher_steps, args.teacher_temperature
+        )
         q = torch.cat([q for _, q in train])
         p = q.exp()
         entropy = -(p * q.clamp(min=-1e30)).sum(-1).mean().item()
@@ -281,13 +353,21 @@ def main() -> None:
             full = (4.0 * vocab, float(vocab), *evaluate(model, held_out))  # float32 each
             results.setdefault(("-", "full"), []).append(full)
         for draws in args.draws:
-            gen = torch.Generator().manual_seed(draws)
-            sampled, s_bytes, s_entries = store("sampled", train, draws, 0, 0, gen)
+            drawn = capture_draws(teacher, train, draws, args.teacher_temperature)
+            drawn, s_bytes, s_entries = store("sampled", train, drawn, 0, 0)
+            mode = SampledLogits(draws=draws, temperature=args.teacher_temperature)
+            sampled, dataset_bytes = through_shards(
+                train, drawn, mode, workdir / f"sampled-{draws}", vocab
+            )
+            print(
+                f"N={draws}: the sampled dataset (ShardWriter, every column) holds"
+                f" {dataset_bytes:.1f} B/token; the table counts the draws' columns only"
+            )
             # The k whose bytes come closest to the sampled mode's.
             k = max(1, round(s_entries) - 2)
-            topk, t_bytes, t_entries = store("top-k", train, 0, k, 0, gen)
+            topk, t_bytes, t_entries = store("top-k", train, None, k, 0)
             while t_bytes < s_bytes:
-                bigger = store("top-k", train, 0, k + 1, 0, gen)
+                bigger = store("top-k", train, None, k + 1, 0)
                 if abs(bigger[1] - s_bytes) > abs(t_bytes - s_bytes):
                     break
                 k, (topk, t_bytes, t_entries) = k + 1, bigger
@@ -299,7 +379,7 @@ def main() -> None:
                     q.topk(MAX_ADAPTIVE, -1).values.numpy(), AdaptiveK(min_prob=mid)
                 )
                 low, high = (mid, high) if n.mean() > t_entries else (low, mid)
-            adaptive, a_bytes, a_entries = store("adaptive", train, 0, 0, high, gen)
+            adaptive, a_bytes, a_entries = store("adaptive", train, None, 0, high)
             budget = f"N={draws}"
             modes = {
                 "sampled": (sampled, s_bytes, s_entries),

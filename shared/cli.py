@@ -26,6 +26,8 @@ def dataset_histograms(ds: ShardDataset) -> tuple[np.ndarray, np.ndarray, float,
     Streams the decoded row groups one at a time, so it runs on datasets larger than
     memory. The KL is ``codec_kl_estimate`` for the codec that bounds the values'
     exactness (``DatasetInfo.exact_as``): a shard keeps no exact values to measure against.
+    A sampled dataset's positions are its draws' empirical distribution (top-1: the share
+    of the most drawn id; no tail); its KL is NaN: draws have no codec to estimate.
     """
     top1 = np.zeros(len(_BINS) - 1, dtype=np.int64)
     tail = np.zeros(len(_BINS) - 1, dtype=np.int64)
@@ -37,10 +39,11 @@ def dataset_histograms(ds: ShardDataset) -> tuple[np.ndarray, np.ndarray, float,
         top1 += np.histogram(np.clip(p1, 0, 1), _BINS)[0]
         tail += np.histogram(np.clip(pt, 0, 1), _BINS)[0]
         kept += float(np.isfinite(lp).sum())
-        kl += float(codec_kl_estimate(lp, ds.info.exact_as).sum())
+        if ds.info.sampled is None:
+            kl += float(codec_kl_estimate(lp, ds.info.exact_as).sum())
         positions += len(lp)
     n = max(positions, 1)
-    return top1, tail, kept / n, kl / n
+    return top1, tail, kept / n, kl / n if ds.info.sampled is None else float("nan")
 
 
 def _bars(counts: np.ndarray, title: str) -> Table:
@@ -92,6 +95,34 @@ def inspect(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
     m, info = ds.manifest, ds.info
+    if info.sampled is None:
+        mode = [
+            ("bytes / top-k entry", f"{m.bytes / max(m.tokens * mean_kept, 1):.2f}"),
+            ("k", str(info.k) if info.adaptive is None else f"at most {info.k}, {info.adaptive}"),
+            ("entries / position", f"{mean_kept:.2f}"),
+            (
+                "log-prob codec",
+                info.logprob_codec
+                + (f" (values as exact as {info.precision})" if info.precision else ""),
+            ),
+            ("codec KL to exact (est.)", f"{codec_kl:.1e} nats / position"),
+        ]
+    else:
+        mode = [
+            ("bytes / distinct id", f"{m.bytes / max(m.tokens * mean_kept, 1):.2f}"),
+            (
+                "sampled (RS-KD)",
+                f"{info.sampled.draws} draws / position at temperature"
+                f" {info.sampled.temperature:g}, seeded by the {info.sampled.seed_rule}",
+            ),
+            ("distinct ids / position", f"{mean_kept:.2f}"),
+            ("stored", "distinct ids and one-byte counts; no log-probs, no tail"),
+            (
+                "KL to exact",
+                "not reported: a sampled dataset keeps draws, not the teacher's log-probs;"
+                " its counts / N estimate the distribution without bias, with sampling noise",
+            ),
+        ]
     summary = Table(title=str(dataset), show_header=False, show_edge=False)
     summary.add_column(style="bold")
     summary.add_column()
@@ -101,15 +132,7 @@ def inspect(
         ("scored tokens", f"{m.tokens:,}"),
         ("bytes", f"{m.bytes:,}"),
         ("bytes / token", f"{m.bytes / max(m.tokens, 1):.1f}"),
-        ("bytes / top-k entry", f"{m.bytes / max(m.tokens * mean_kept, 1):.2f}"),
-        ("k", str(info.k) if info.adaptive is None else f"at most {info.k}, {info.adaptive}"),
-        ("entries / position", f"{mean_kept:.2f}"),
-        (
-            "log-prob codec",
-            info.logprob_codec
-            + (f" (values as exact as {info.precision})" if info.precision else ""),
-        ),
-        ("codec KL to exact (est.)", f"{codec_kl:.1e} nats / position"),
+        *mode,
         ("teacher", f"{info.teacher_model} @ {info.teacher_revision}"),
         ("tokenizer", f"{info.tokenizer} (sha256 {info.tokenizer_hash[:12]})"),
         ("vocab / logit width", f"{info.vocab_size:,} / {info.logit_width:,}"),
@@ -128,8 +151,11 @@ def inspect(
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)
-    console.print(_bars(top1, "teacher top-1 probability"))
-    console.print(_bars(tail, "probability mass outside the top-k"))
+    if info.sampled is None:
+        console.print(_bars(top1, "teacher top-1 probability"))
+        console.print(_bars(tail, "probability mass outside the top-k"))
+    else:
+        console.print(_bars(top1, "share of the draws taken by the most drawn id"))
     if student is not None:
         _print_alignment(console, dataset, student, teacher_tokenizer, max_rows)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .manifest import DatasetError, Manifest, is_dataset, read_manifest
 from .reader import ShardDataset
-from .schema import CODEC_EXACTNESS, SCHEMA_VERSION, LogprobCodec
+from .schema import CODEC_EXACTNESS, LogprobCodec, layout_version
 from .writer import ShardWriter
 
 
@@ -27,12 +27,17 @@ def least_exact(*codecs: LogprobCodec) -> LogprobCodec:
 def export_dataset(src: str | Path, dst: str | Path, codec: LogprobCodec) -> Manifest:
     """Write every row of dataset ``src`` into the new dataset ``dst`` with ``codec``."""
     source = ShardDataset(src)
+    if source.info.sampled is not None:
+        raise DatasetError(
+            f"{src}: a sampled dataset stores draw counts, not log-probs: it has nothing to"
+            " re-encode (copy the directory instead)"
+        )
     if is_dataset(dst):
         raise DatasetError(f"{dst}: already a dataset; export into a new directory or prefix")
     bound = least_exact(source.info.exact_as, codec)
     info = source.info.model_copy(
         update={
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": layout_version(False),
             "logprob_codec": codec,
             "precision": None if bound == codec else bound,
         }

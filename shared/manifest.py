@@ -22,10 +22,11 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from .schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, DatasetInfo
+from .schema import READABLE_SCHEMA_VERSIONS, DatasetInfo
 from .storage import DatasetError, LocalStorage, Storage, VersionConflict, backoff, open_storage
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,25 @@ class ShardEntry(BaseModel):
 
 
 class Manifest(BaseModel):
+    """The dataset's shards and its DatasetInfo; ``schema_version`` is the info's."""
+
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int
     info: DatasetInfo
     shards: list[ShardEntry] = []
     updated: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _info_version(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "schema_version" not in value:
+            info = value.get("info")
+            version = info.schema_version if isinstance(info, DatasetInfo) else None
+            if isinstance(info, dict):
+                version = DatasetInfo.model_validate(info).schema_version
+            value = {**value, "schema_version": version}
+        return value
 
     @property
     def rows(self) -> int:

@@ -46,6 +46,8 @@ from .schema import (
     PARQUET_METADATA_KEY,
     PROMPT_IDS,
     REQUEST,
+    SAMPLE_COUNTS,
+    SAMPLE_IDS,
     TAIL_LOGPROB,
     TOKEN_LOGPROB,
     TOPK_IDS,
@@ -72,6 +74,10 @@ class DecodedBatch:
     its prompt and completion ids are slices of the flat id arrays by their offsets. In a
     dataset with adaptive k, position j holds ``topk_counts[j]`` entries; the rest of its
     row is padding: id ``PAD_ID`` (-1, which no vocabulary has) and log-prob -inf.
+    A sampled dataset's position j holds its ``topk_counts[j]`` distinct drawn ids with
+    log-probs ``ln(count / N)`` (the draws' empirical distribution), padded to N the
+    same way, and a tail of -inf; ``sample_counts`` [N_positions, N] holds the counts
+    themselves (0 at padding). ``sample_counts`` is None for a top-k dataset.
     """
 
     keys: list[str]
@@ -86,6 +92,7 @@ class DecodedBatch:
     token_logprob: np.ndarray
     tail_logprob: np.ndarray
     topk_counts: np.ndarray | None = None
+    sample_counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -246,7 +253,7 @@ class ShardDataset:
     def iter_decoded(
         self, refs: Iterable[RowGroupRef] | None = None, *, verify: bool = False
     ) -> Iterator[DecodedBatch]:
-        for table in self.iter_tables(refs, DECODED_COLUMNS, verify=verify):
+        for table in self.iter_tables(refs, decoded_columns(self.info), verify=verify):
             yield decode_table(table, self.info)
 
     def iter_records(self, *, verify: bool = False) -> Iterator[SequenceRecord]:
@@ -272,6 +279,21 @@ DECODED_COLUMNS = (
 )
 
 
+def decoded_columns(info: DatasetInfo) -> tuple[str, ...]:
+    """The columns ``decode_table`` reads from a dataset of ``info``."""
+    if info.sampled is None:
+        return DECODED_COLUMNS
+    return (
+        KEY,
+        PROMPT_IDS,
+        COMPLETION_IDS,
+        LOGPROB_START,
+        SAMPLE_IDS,
+        SAMPLE_COUNTS,
+        TOKEN_LOGPROB,
+    )
+
+
 def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     return arr.offsets.to_numpy(), arr
@@ -282,13 +304,24 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
     k = info.k
     p_off, p = _flat(table.column(PROMPT_IDS))
     c_off, c = _flat(table.column(COMPLETION_IDS))
-    pos_off, ids = _flat(table.column(TOPK_IDS))
-    _, lps = _flat(table.column(TOPK_LOGPROBS))
+    sampled = info.sampled is not None
+    pos_off, ids = _flat(table.column(SAMPLE_IDS if sampled else TOPK_IDS))
+    _, lps = _flat(table.column(SAMPLE_COUNTS if sampled else TOPK_LOGPROBS))
     _, tok = _flat(table.column(TOKEN_LOGPROB))
-    _, tail = _flat(table.column(TAIL_LOGPROB))
     base = int(pos_off[0])
-    counts = None
-    if info.adaptive is None:
+    counts = draw_counts = None
+    if sampled:
+        positions = ids.flatten()
+        counts = np.diff(positions.offsets.to_numpy()).astype(np.int32)
+        keep = np.arange(k) < counts[:, None]
+        id_values = np.full(keep.shape, PAD_ID, dtype=np.int32)
+        id_values[keep] = positions.flatten().to_numpy(zero_copy_only=False)
+        draw_counts = np.zeros(keep.shape, dtype=np.uint8)
+        draw_counts[keep] = lps.flatten().flatten().to_numpy(zero_copy_only=False)
+        with np.errstate(divide="ignore"):
+            lp_values = np.log(draw_counts / np.float64(k)).astype(np.float32)
+        tail_values = np.full(len(counts), -np.inf, dtype=np.float32)
+    elif info.adaptive is None:
         # flatten() honours slicing, so the values start at this table's first position.
         id_values = ids.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
         lp_values = lps.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
@@ -302,6 +335,8 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
         lp_values = np.full(keep.shape, -np.inf, dtype=np.float32)
         stored = lps.flatten().flatten().to_numpy(zero_copy_only=False)
         lp_values[keep] = decode_logprobs(stored, info.logprob_codec)
+    if not sampled:
+        tail_values = _flat(table.column(TAIL_LOGPROB))[1].flatten().to_numpy(zero_copy_only=False)
     return DecodedBatch(
         keys=table.column(KEY).to_pylist(),
         prompt_offsets=p_off - p_off[0],
@@ -313,8 +348,9 @@ def decode_table(table: pa.Table, info: DatasetInfo) -> DecodedBatch:
         topk_ids=id_values,
         topk_logprobs=lp_values,
         token_logprob=tok.flatten().to_numpy(zero_copy_only=False),
-        tail_logprob=tail.flatten().to_numpy(zero_copy_only=False),
+        tail_logprob=tail_values,
         topk_counts=counts,
+        sample_counts=draw_counts,
     )
 
 

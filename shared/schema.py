@@ -11,6 +11,15 @@ sequence ``prompt_ids + completion_ids``: entry j is the teacher's distribution 
 ``request`` is the JSON of the request that made the row (mode, k, sampling parameters:
 what the cache key covers); ``meta`` is the JSON of the input row's own fields.
 
+A dataset of sampled sparse logits (``DatasetInfo.sampled``, RS-KD) stores, in place of
+``topk_*`` and ``tail_logprob``, per scored position the distinct ids drawn from the
+teacher (``sample_ids``, ascending) and how often each was drawn (``sample_counts``, one
+byte each, summing to the draw count N). In memory (``SequenceRecord``, the reader's
+``DecodedBatch``, the trainer's ``Example``) such a position is the draws' empirical
+distribution in top-k form: the ids, log-probs ``ln(count / N)``, padding (id -1,
+log-prob -inf) up to N entries, and a tail of -inf (the draws hold all the mass), so
+every consumer keeps one type whatever the dataset's mode.
+
 See docs/shard-format.md for why the columns are encoded the way they are.
 """
 
@@ -24,8 +33,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # 2: the manifest is ``.manifest.json`` (was ``manifest.json``), shards carry page
 # checksums and self-describing field metadata, and a dataset may keep a variable number
 # of entries per position (adaptive k). Version-1 datasets still read.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: a dataset of sampled sparse logits stores ``sample_ids``/``sample_counts`` instead of
+# ``topk_*``/``tail_logprob``. Only such a dataset is version 3 (``layout_version``): a
+# top-k dataset's layout is version 2's, unchanged, so it keeps that number; version-2
+# datasets then still take appends, older readers still read new top-k datasets, and an
+# older reader refuses a sampled dataset by its version instead of misreading it.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+
+
+def layout_version(sampled: bool) -> int:
+    """The schema version a dataset of this kind is written with (see SCHEMA_VERSION)."""
+    return 3 if sampled else 2
+
 
 KEY = "key"
 PROMPT_IDS = "prompt_ids"
@@ -36,6 +56,8 @@ TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
 TOKEN_LOGPROB = "token_logprob"
 TAIL_LOGPROB = "tail_logprob"
+SAMPLE_IDS = "sample_ids"
+SAMPLE_COUNTS = "sample_counts"
 FINISH_REASON = "finish_reason"
 REQUEST = "request"
 META = "meta"
@@ -50,6 +72,20 @@ COLUMNS = (
     TOPK_LOGPROBS,
     TOKEN_LOGPROB,
     TAIL_LOGPROB,
+    FINISH_REASON,
+    REQUEST,
+    META,
+)
+# A sampled dataset's columns: the draws in place of the top-k and its tail.
+SAMPLED_COLUMNS = (
+    KEY,
+    PROMPT_IDS,
+    COMPLETION_IDS,
+    COMPLETION_TEXT,
+    LOGPROB_START,
+    SAMPLE_IDS,
+    SAMPLE_COUNTS,
+    TOKEN_LOGPROB,
     FINISH_REASON,
     REQUEST,
     META,
@@ -92,14 +128,37 @@ TOPK_ORDER_NOTE = (
 )
 
 
-def shard_schema(k: int, codec: LogprobCodec, *, adaptive: bool = False) -> pa.Schema:
+SAMPLE_ORDER_NOTE = "the distinct ids drawn at a position, sorted ascending"
+
+
+def sample_decode(draws: int) -> tuple[str, str]:
+    """How to read ``sample_counts`` of a dataset of ``draws`` draws per position: in
+    words, and as a DuckDB SQL expression over ``x``."""
+    return (
+        f"how many of the {draws} draws at a position gave the id at the same place in"
+        f" sample_ids (they sum to {draws}); the draws' empirical distribution is"
+        f" p = x / {draws}, logprob = ln(x / {draws})",
+        f"ln(x / {draws})",
+    )
+
+
+def shard_schema(
+    k: int,
+    codec: LogprobCodec,
+    *,
+    adaptive: bool = False,
+    sampled: SampledLogits | None = None,
+) -> pa.Schema:
     """The Arrow schema of a shard holding top-``k`` log-probs stored with ``codec``.
 
     With ``adaptive`` (a dataset with ``DatasetInfo.adaptive``) each position holds its own
     number of entries, 1..k: ``topk_ids`` and ``topk_logprobs`` are lists of variable
     lists instead of lists of fixed-size lists. ``topk_ids`` and ``topk_logprobs`` carry
     field metadata (``order``; ``codec``, ``decode`` and ``decode_sql``) so that a shard
-    explains itself in any Arrow reader.
+    explains itself in any Arrow reader. With ``sampled`` the shard holds the draws
+    instead (``SAMPLED_COLUMNS``): ``sample_ids`` list<list<int32>> and ``sample_counts``
+    list<list<uint8>>, one variable list per position, with the same kind of field
+    metadata; ``k`` and ``codec`` are then unused.
     """
     # Imported here: the teacher's backends import this module (Sampling, DatasetInfo)
     # and must load where pyarrow is not installed (scripts/gpu_check.sh's wheel folder).
@@ -111,15 +170,41 @@ def shard_schema(k: int, codec: LogprobCodec, *, adaptive: bool = False) -> pa.S
     words, sql = CODEC_DECODE[codec]
 
     def entries(t: pa.DataType) -> pa.DataType:
-        return pa.list_(pa.list_(t) if adaptive else pa.list_(t, k))
+        return pa.list_(pa.list_(t) if adaptive or sampled else pa.list_(t, k))
 
+    head = [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(PROMPT_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(COMPLETION_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(COMPLETION_TEXT, pa.string()),
+        pa.field(LOGPROB_START, pa.int32(), nullable=False),
+    ]
+    foot = [
+        pa.field(FINISH_REASON, pa.string()),
+        pa.field(REQUEST, pa.string()),
+        pa.field(META, pa.string()),
+    ]
+    token = pa.field(TOKEN_LOGPROB, pa.list_(pa.float32()), nullable=False)
+    if sampled is not None:
+        count_words, count_sql = sample_decode(sampled.draws)
+        draws = [
+            pa.field(
+                SAMPLE_IDS,
+                entries(pa.int32()),
+                nullable=False,
+                metadata={"order": SAMPLE_ORDER_NOTE},
+            ),
+            pa.field(
+                SAMPLE_COUNTS,
+                entries(pa.uint8()),
+                nullable=False,
+                metadata={"decode": count_words, "decode_sql": count_sql},
+            ),
+        ]
+        return pa.schema([*head, *draws, token, *foot])
     return pa.schema(
         [
-            pa.field(KEY, pa.string(), nullable=False),
-            pa.field(PROMPT_IDS, pa.list_(pa.int32()), nullable=False),
-            pa.field(COMPLETION_IDS, pa.list_(pa.int32()), nullable=False),
-            pa.field(COMPLETION_TEXT, pa.string()),
-            pa.field(LOGPROB_START, pa.int32(), nullable=False),
+            *head,
             pa.field(
                 TOPK_IDS,
                 entries(pa.int32()),
@@ -132,11 +217,9 @@ def shard_schema(k: int, codec: LogprobCodec, *, adaptive: bool = False) -> pa.S
                 nullable=False,
                 metadata={"codec": codec, "decode": words, "decode_sql": sql},
             ),
-            pa.field(TOKEN_LOGPROB, pa.list_(pa.float32()), nullable=False),
+            token,
             pa.field(TAIL_LOGPROB, pa.list_(pa.float32()), nullable=False),
-            pa.field(FINISH_REASON, pa.string()),
-            pa.field(REQUEST, pa.string()),
-            pa.field(META, pa.string()),
+            *foot,
         ]
     )
 
@@ -147,6 +230,15 @@ def shard_metadata(info: DatasetInfo) -> dict[bytes, bytes]:
     The codec and its formula are repeated under plain keys so that tools that show only
     file metadata (``duckdb.parquet_kv_metadata``, ``pq.read_metadata``) show them.
     """
+    if info.sampled is not None:
+        words, sql = sample_decode(info.sampled.draws)
+        return {
+            PARQUET_METADATA_KEY: info.to_json().encode(),
+            b"distillcache.sample_counts.decode": words.encode(),
+            b"distillcache.sample_counts.decode_sql": sql.encode(),
+            b"distillcache.sample_ids.order": SAMPLE_ORDER_NOTE.encode(),
+            b"distillcache.sampled": info.sampled.model_dump_json().encode(),
+        }
     words, sql = CODEC_DECODE[info.logprob_codec]
     return {
         PARQUET_METADATA_KEY: info.to_json().encode(),
@@ -157,7 +249,7 @@ def shard_metadata(info: DatasetInfo) -> dict[bytes, bytes]:
     }
 
 
-def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
+def parquet_options(codec: LogprobCodec, *, sampled: bool = False) -> dict[str, Any]:
     """Per-column Parquet encodings for ``pq.ParquetWriter``, chosen by measurement.
 
     See docs/shard-format.md for the figures. Top-k ids are sorted within a position;
@@ -170,9 +262,17 @@ def parquet_options(codec: LogprobCodec) -> dict[str, Any]:
     BYTE_STREAM_SPLIT
     (sign/exponent bytes compress, mantissa bytes do not); float16 log-probs use the plain
     encoding, because DuckDB reads BYTE_STREAM_SPLIT only for FLOAT, DOUBLE, INT32 and
-    INT64.
+    INT64. A sampled dataset's ``sample_ids`` and one-byte ``sample_counts`` take the
+    top-k ids' and one-byte codes' encodings, for the same reasons.
     """
     dictionary = ["key", "finish_reason", "request"]
+    if sampled:
+        encodings = {
+            f"{SAMPLE_IDS}.list.element.list.element": "BYTE_STREAM_SPLIT",
+            f"{SAMPLE_COUNTS}.list.element.list.element": "BYTE_STREAM_SPLIT",
+            f"{TOKEN_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
+        }
+        return {"use_dictionary": dictionary, "column_encoding": encodings}
     encodings = {
         f"{TOPK_IDS}.list.element.list.element": "BYTE_STREAM_SPLIT",
         f"{TOKEN_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
@@ -298,6 +398,41 @@ def adaptive_answers(stored: AdaptiveK | None, wanted: AdaptiveK | None) -> bool
     return wanted is not None and stored.covers(wanted)
 
 
+# Counts are stored in one byte each, so at most 255 draws per position.
+MAX_DRAWS = 255
+
+
+class SampledLogits(BaseModel):
+    """Sampled sparse logits (RS-KD; Anshumann et al. 2025, "Sparse Logit Sampling"): at
+    each scored position the teacher draws ``draws`` tokens, with replacement, from
+    ``softmax(logits / temperature)`` over its whole vocabulary, and the dataset keeps the
+    distinct ids and their counts. ``sum_i (c_i / N) f(x_i)`` is then an unbiased estimate
+    of ``E_q[f]`` for the tempered teacher ``q``, which the trainer's loss relies on.
+
+    ``seed_rule`` says where a row's draws come from, so that a recomputed row is
+    bit-identical: ``cache-key``, a ``torch.Generator`` seeded with ``seed_for(key)`` (the
+    row's cache key's first 16 hex digits, as an integer below 2**63), drawing the
+    positions in order (``torch.multinomial`` over [positions, vocabulary]).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    draws: int = Field(ge=1, le=MAX_DRAWS, description="Draws per position (N).")
+    temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        allow_inf_nan=False,
+        description="The teacher's softmax temperature the draws come from.",
+    )
+    seed_rule: Literal["cache-key"] = "cache-key"
+
+    @staticmethod
+    def seed_for(key: str) -> int:
+        """The generator seed of the row whose cache key is ``key`` (a hex sha256)."""
+        return int(key[:16], 16) & MAX_SEED
+
+
 class DatasetInfo(BaseModel):
     """What a dataset holds and how it was made; stored in every shard and the manifest.
 
@@ -315,8 +450,14 @@ class DatasetInfo(BaseModel):
     tokenizer_hash: str
     vocab_size: int = Field(gt=0, description="Tokens the tokenizer knows.")
     logit_width: int = Field(gt=0, description="Width of the model's logits (may be padded).")
-    k: int = Field(gt=0, description="Entries per position (with adaptive k: the most).")
+    k: int = Field(
+        gt=0,
+        description="Entries per position (with adaptive k: the most; sampled: the draws N).",
+    )
     adaptive: AdaptiveK | None = None
+    sampled: SampledLogits | None = Field(
+        None, description="Sampled sparse logits (RS-KD) instead of the top-k: how drawn."
+    )
     logprob_codec: LogprobCodec = "cbrt-u8"
     precision: LogprobCodec | None = Field(
         None,
@@ -337,6 +478,30 @@ class DatasetInfo(BaseModel):
     dtype: str = Field(
         "unknown", description="The dtype the teacher's weights ran in (float32, bfloat16...)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_version(cls, value: Any) -> Any:
+        """A DatasetInfo made without a schema version gets its layout's (SCHEMA_VERSION)."""
+        if isinstance(value, dict) and "schema_version" not in value:
+            value = {**value, "schema_version": layout_version(value.get("sampled") is not None)}
+        return value
+
+    @model_validator(mode="after")
+    def _sampled_layout(self) -> DatasetInfo:
+        """A sampled dataset stores draws: no adaptive rule, k is N, and the only stored
+        log-probs (``token_logprob``) are float32."""
+        if self.sampled is None:
+            if self.schema_version > 2:
+                raise ValueError(f"schema_version {self.schema_version} is a sampled dataset's")
+            return self
+        if self.adaptive is not None or self.k != self.sampled.draws:
+            raise ValueError("a sampled dataset has no adaptive rule and k = its draws")
+        if self.logprob_codec != "float32" or self.precision is not None:
+            raise ValueError("a sampled dataset's only log-probs (token_logprob) are float32")
+        if self.schema_version != 3:
+            raise ValueError(f"a sampled dataset is schema version 3, not {self.schema_version}")
+        return self
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -364,6 +529,7 @@ class DatasetInfo(BaseModel):
             "logit_width",
             "k",
             "adaptive",
+            "sampled",
             "logprob_codec",
             "precision",
             "logprobs_mode",
@@ -377,7 +543,9 @@ class DatasetInfo(BaseModel):
 
     def schema(self) -> pa.Schema:
         """This dataset's shard schema."""
-        return shard_schema(self.k, self.logprob_codec, adaptive=self.adaptive is not None)
+        return shard_schema(
+            self.k, self.logprob_codec, adaptive=self.adaptive is not None, sampled=self.sampled
+        )
 
     @property
     def exact_as(self) -> LogprobCodec:

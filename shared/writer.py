@@ -36,7 +36,17 @@ import pyarrow.parquet as pq
 from .codec import canonical_topk, encode_logprobs
 from .manifest import Manifest, ShardEntry, existing_manifest, quarantined_name, update_manifest
 from .record import SequenceRecord
-from .schema import AdaptiveK, DatasetInfo, parquet_options, shard_metadata
+from .schema import (
+    SAMPLE_COUNTS,
+    SAMPLE_IDS,
+    TAIL_LOGPROB,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    AdaptiveK,
+    DatasetInfo,
+    parquet_options,
+    shard_metadata,
+)
 from .storage import Storage, open_storage
 
 
@@ -189,7 +199,9 @@ class ShardWriter:
                     self.schema,
                     compression="zstd",
                     compression_level=self.compression_level,
-                    **parquet_options(self.info.logprob_codec),
+                    **parquet_options(
+                        self.info.logprob_codec, sampled=self.info.sampled is not None
+                    ),
                     write_statistics=["key", "logprob_start"],
                     write_page_checksum=True,
                 )
@@ -327,28 +339,10 @@ def records_to_table(
     np.cumsum(n_scored, out=pos_offsets[1:])
     raw = np.concatenate([r.topk_logprobs for r in records])
     raw_ids = np.concatenate([r.topk_ids for r in records])
-    # Every record carries its tail (SequenceRecord computes it, or a backend gave a more
-    # exact one).
-    tails = np.concatenate([r.tail_logprob for r in records])
-    counts = None
-    if info.adaptive is not None:
-        if cut:
-            counts, dropped = adaptive_counts(raw, info.adaptive)
-        else:
-            counts = np.isfinite(raw).sum(axis=1)
-            dropped = np.full(len(raw), -np.inf, dtype=np.float32)
-        # The dropped entries join the tail; they sort last (id past any vocabulary).
-        with np.errstate(divide="ignore"):
-            tails = np.logaddexp(tails, dropped).astype(np.float32)
-        rank = np.empty(raw.shape, dtype=np.int64)
-        np.put_along_axis(
-            rank, np.argsort(-raw, axis=1, kind="stable"), np.arange(k)[None, :], axis=1
-        )
-        keep = rank < counts[:, None]
-        raw_ids = np.where(keep, raw_ids, np.iinfo(np.int32).max)
-    # Encoding is per entry, so it commutes with the sort by id; sorting the encoded
-    # values moves fewer bytes.
-    ids, stored = canonical_topk(raw_ids, encode_logprobs(raw, info.logprob_codec))
+    if info.sampled is not None:
+        ids, draw_counts, counts = sample_entries(raw_ids, raw, info.sampled.draws, records)
+    else:
+        ids, stored, counts, tails = _topk_entries(raw_ids, raw, info, records, cut)
     offsets = pa.array(pos_offsets, type=pa.int32())
 
     def per_position(flat: np.ndarray, field: str) -> pa.Array:
@@ -378,20 +372,90 @@ def records_to_table(
         flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         return pa.ListArray.from_arrays(pa.array(offs), pa.array(flat, type=pa.int32()))
 
+    if info.sampled is not None:
+        entries = {
+            SAMPLE_IDS: per_entry(ids, SAMPLE_IDS),
+            SAMPLE_COUNTS: per_entry(draw_counts, SAMPLE_COUNTS),
+        }
+    else:
+        entries = {
+            TOPK_IDS: per_entry(ids, TOPK_IDS),
+            TOPK_LOGPROBS: per_entry(stored, TOPK_LOGPROBS),
+        }
     columns = {
         "key": pa.array([r.key for r in records], type=pa.string()),
         "prompt_ids": id_lists([r.prompt_ids for r in records]),
         "completion_ids": id_lists([r.completion_ids for r in records]),
         "completion_text": pa.array([r.completion_text for r in records], type=pa.string()),
         "logprob_start": pa.array([r.logprob_start for r in records], type=pa.int32()),
-        "topk_ids": per_entry(ids, "topk_ids"),
-        "topk_logprobs": per_entry(stored, "topk_logprobs"),
+        **entries,
         "token_logprob": per_position(
             np.concatenate([r.token_logprob for r in records]), "token_logprob"
         ),
-        "tail_logprob": per_position(tails, "tail_logprob"),
         "finish_reason": pa.array([r.finish_reason for r in records], type=pa.string()),
         "request": pa.array([r.request_json() for r in records], type=pa.string()),
         "meta": pa.array([r.meta_json() for r in records], type=pa.string()),
     }
-    return pa.Table.from_pydict(columns, schema=schema)
+    if info.sampled is None:
+        columns[TAIL_LOGPROB] = per_position(tails, TAIL_LOGPROB)
+    return pa.Table.from_pydict({f.name: columns[f.name] for f in schema}, schema=schema)
+
+
+def sample_entries(
+    ids: np.ndarray, logprobs: np.ndarray, draws: int, records: list[SequenceRecord]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled positions in memory form (ids with log-probs ``ln(count / N)``, padded with
+    -1 / -inf) -> (ids sorted ascending, padding last; one-byte counts alongside; distinct
+    ids per position). Raises ValueError naming the record whose counts do not sum to N:
+    such a position is not ``draws`` draws."""
+    with np.errstate(over="ignore"):
+        counts = np.rint(np.exp(logprobs.astype(np.float64)) * draws)
+    present = counts > 0
+    totals = counts.sum(axis=1)
+    bad = np.flatnonzero((totals != draws) | (present & (ids < 0)).any(axis=1))
+    if len(bad):
+        ends = np.cumsum([r.n_scored for r in records])
+        record = records[int(np.searchsorted(ends, bad[0], side="right"))]
+        raise ValueError(
+            f"record {record.key[:16]}: a sampled position's counts sum to"
+            f" {int(totals[bad[0]])}, not the dataset's {draws} draws (entries must be"
+            " ln(count / N) at distinct ids)"
+        )
+    ordered = np.where(present, ids, np.iinfo(np.int32).max)
+    sorted_ids, sorted_counts = canonical_topk(ordered, counts.astype(np.uint8))
+    return sorted_ids, sorted_counts, present.sum(axis=1)
+
+
+def _topk_entries(
+    raw_ids: np.ndarray,
+    raw: np.ndarray,
+    info: DatasetInfo,
+    records: list[SequenceRecord],
+    cut: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Top-k positions -> (ids sorted ascending, stored log-prob codes alongside, entries
+    kept per position with adaptive k (None: all k), tails)."""
+    k = info.k
+    # Every record carries its tail (SequenceRecord computes it, or a backend gave a more
+    # exact one).
+    tails = np.concatenate([r.tail_logprob for r in records])
+    counts = None
+    if info.adaptive is not None:
+        if cut:
+            counts, dropped = adaptive_counts(raw, info.adaptive)
+        else:
+            counts = np.isfinite(raw).sum(axis=1)
+            dropped = np.full(len(raw), -np.inf, dtype=np.float32)
+        # The dropped entries join the tail; they sort last (id past any vocabulary).
+        with np.errstate(divide="ignore"):
+            tails = np.logaddexp(tails, dropped).astype(np.float32)
+        rank = np.empty(raw.shape, dtype=np.int64)
+        np.put_along_axis(
+            rank, np.argsort(-raw, axis=1, kind="stable"), np.arange(k)[None, :], axis=1
+        )
+        keep = rank < counts[:, None]
+        raw_ids = np.where(keep, raw_ids, np.iinfo(np.int32).max)
+    # Encoding is per entry, so it commutes with the sort by id; sorting the encoded
+    # values moves fewer bytes.
+    ids, stored = canonical_topk(raw_ids, encode_logprobs(raw, info.logprob_codec))
+    return ids, stored, counts, tails

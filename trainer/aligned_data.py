@@ -232,6 +232,12 @@ class AlignedShardSource:
                 f"{self.dataset.root}: a dataset with adaptive k ({self.info.adaptive}) is not"
                 " supported across tokenizers yet; capture it with a fixed k"
             )
+        if self.info.sampled is not None:
+            # Chunk distributions multiply probabilities, which draws do not carry.
+            raise DatasetError(
+                f"{self.dataset.root}: a sampled dataset (draws, no log-probs) is not"
+                " supported across tokenizers; capture it with a fixed k"
+            )
         self.retokenizer = retokenizer
 
     def units(self) -> list[RowGroupRef]:

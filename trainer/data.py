@@ -15,12 +15,14 @@ from .student import check_tokenizer
 
 @dataclass
 class RunData:
-    """The training source and units, and the held-out source and units (maybe none)."""
+    """The training source and units, and the held-out source and units (maybe none).
+    ``sampled``: the training data holds sampled draws (RS-KD), not a top-k."""
 
     source: Source
     train_units: list[Any]
     eval_source: Source
     eval_units: list[Any]
+    sampled: bool = False
 
 
 def open_source(
@@ -47,6 +49,19 @@ def open_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> RunDat
             f"only --loss sft can train on it (run the teacher over it for --loss {config.loss})"
         )
     source = open_source(config.data, tokenizer, config.student, teacher=config.loss != "sft")
+    sampled = isinstance(source, ShardSource) and source.info.sampled is not None
+    if (
+        sampled
+        and config.loss != "sft"
+        and (config.loss != "forward_kl" or config.temperature != 1)
+    ):
+        drawn = source.info.sampled
+        raise ValueError(
+            f"{config.data} holds sampled draws ({drawn.draws} per position from the teacher at"
+            f" temperature {drawn.temperature:g}), whose unbiased loss is forward KL at the"
+            f" student's temperature 1: use --loss forward_kl --temperature 1 (or sft), not"
+            f" --loss {config.loss} --temperature {config.temperature:g}"
+        )
     train_units, held = split_held_out(source.units(), config.eval_fraction, source.unit_name)
     eval_source = source
     if isinstance(source, ShardSource) and not source.with_teacher:
@@ -54,4 +69,4 @@ def open_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> RunDat
     if config.eval_data is not None:
         eval_source = open_source(config.eval_data, tokenizer, config.student, teacher=True)
         held = eval_source.units()
-    return RunData(source, train_units, eval_source, held)
+    return RunData(source, train_units, eval_source, held, sampled)

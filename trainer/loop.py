@@ -125,6 +125,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         alpha=config.alpha,
         tail=config.tail,
         chunk_size=config.chunk_size,
+        sampled=data.sampled,
     )
     cross = None
     if vocab_map is not None:

@@ -256,6 +256,33 @@ def forward_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return _plogp_ratio(teacher, student).sum(dim=-1)
 
 
+def sampled_targets(draws: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
+    """A sampled dataset's entries as ``sampled_cross_entropy``'s weights over the
+    outcomes of ``student_log_probs`` with a bucket: ``draws`` [N, k] ``ln(c_i / N)``,
+    -inf where ``empty`` [N, k] (padding); the bucket, last, has no draws (-inf).
+    Returns [N, k+1]."""
+    weights = _at_least_float32(draws)
+    if empty is not None:
+        weights = weights.masked_fill(empty, -math.inf)
+    return torch.cat([weights, weights.new_full((weights.shape[0], 1), -math.inf)], dim=-1)
+
+
+def sampled_cross_entropy(draws: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """RS-KD's estimate of the cross-entropy H(q, p) = -sum_x q(x) log p(x), per position.
+
+    ``draws`` = log(c_i / N) for the N draws from the teacher ``q`` kept as distinct ids
+    with counts ``c_i`` (-inf on slots without a draw), ``student`` = log p at the same
+    ids (the student's full-vocabulary log-probs), both [N, K]. Returns [N]
+    ``-sum_i (c_i / N) log p(x_i)`` (Anshumann et al. 2025, "Sparse Logit Sampling").
+    Its expectation over the draws is H(q, p) exactly, so its gradient is an unbiased
+    estimate of forward KL(q || p)'s (they differ by the teacher's entropy, constant in
+    p). No log-probs of the teacher enter, so there is no temperature to apply to them:
+    the draws come from the teacher at the temperature they were drawn at.
+    """
+    present = ~torch.isneginf(draws)
+    return -(draws.exp() * student.masked_fill(~present, 0.0)).sum(dim=-1)
+
+
 def reverse_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_i p_i (log p_i - log q_i), per position.
 

@@ -13,6 +13,10 @@ one, so there is no recomputation and the time stays that of plain cross-entropy
 training: three matmuls per position.
 
 The teacher side is never densified either: its top-k ids index the student's logits.
+A sampled dataset (RS-KD draws, ``LossSpec.sampled``) runs the same head: the distinct
+drawn ids take the top-k's place, and the divergence is ``losses.sampled_cross_entropy``
+of the counts against the student's exact full-vocabulary log-probs at those ids (the
+pooled bucket holds the rest of the student's mass and gets no weight).
 The on-policy loss (``union_head_loss``) runs the same head on the union of the
 teacher's top-k and the student's own ids; a repeated id is an empty slot there, so the
 gradients are scatter-added, and the union may cover the vocabulary (empty tail).
@@ -20,7 +24,7 @@ gradients are scatter-added, and the union may cover the vocabulary (empty tail)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +32,8 @@ from .config import LossName, TailMode
 from .losses import (
     combine,
     divergence,
+    sampled_cross_entropy,
+    sampled_targets,
     student_log_probs,
     teacher_log_probs,
     union_teacher_log_probs,
@@ -50,6 +56,9 @@ class LossSpec:
     alpha: float = 0.0
     tail: TailMode = "bucket"
     chunk_size: int = 512
+    # The teacher's entries are draws (ln(count / N)), not top-k log-probs: the loss is
+    # RS-KD's estimator (forward KL only, student at T=1; see ``chunked_head_loss``).
+    sampled: bool = False
 
     def tail_for(self, k: int) -> TailMode:
         """The tail mode actually used: a top-k that covers the vocabulary leaves no tail."""
@@ -129,7 +138,10 @@ def head_chunk(
             rest_lse = (shift + rest.log()).requires_grad_(want_grad) if tail == "bucket" else None
             outcomes = top if empty is None else top.masked_fill(empty, float("-inf"))
             student = student_log_probs(outcomes, rest_lse, spec.temperature, tail, tail_entropy)
-            kd = divergence(spec.loss, teacher, student, spec.beta)
+            if spec.sampled:
+                kd = sampled_cross_entropy(teacher, student)
+            else:
+                kd = divergence(spec.loss, teacher, student, spec.beta)
             # The soft term only; the CE term's gradient is written by hand below.
             soft = combine(kd, torch.zeros_like(kd), spec.temperature, alpha)
             if want_grad:
@@ -273,8 +285,23 @@ def chunked_head_loss(
     position's padding (id -1, log-prob -inf) is an empty slot (``unpadded``). The loss is
     a sum so that the caller can normalize by the tokens of a whole optimizer step.
     At T != 1 the tail bucket is softened as a Zipf tail (``losses.zipf_tail_entropy``).
+
+    With ``spec.sampled`` the entries are a sampled dataset's draws (ids with
+    ``ln(count / N)``, padded -1 / -inf; ``tail_logprob`` unused) and the divergence is
+    ``-sum_i (c_i / N) log p(x_i)`` at the student's T=1 (``sampled_cross_entropy``):
+    outcomes are the drawn ids plus the student's pooled rest, which has no draws, so
+    each drawn id's student log-prob is its exact full-vocabulary one.
     """
     teacher = tail_entropy = empty = None
+    if spec.sampled and spec.loss != "sft":
+        if spec.loss != "forward_kl" or spec.temperature != 1.0:
+            raise ValueError(
+                "sampled draws train with --loss forward_kl at --temperature 1 only, not"
+                f" {spec.loss} at {spec.temperature:g}"
+            )
+        topk_ids, empty = unpadded(topk_ids)
+        teacher = sampled_targets(topk_logprobs, empty)
+        return _sparse_head(hidden, weight, labels, topk_ids, teacher, None, empty, "bucket", spec)
     if spec.loss != "sft" and topk_ids is not None:
         topk_ids, empty = unpadded(topk_ids)
         tail = spec.tail_for(topk_ids.shape[-1])
@@ -324,6 +351,8 @@ def union_head_loss(
     """
     if spec.loss == "sft":
         raise ValueError("the on-policy loss needs a divergence; 'sft' has none")
+    # The live teacher's answers are log-probs, whatever the offline data's mode.
+    spec = replace(spec, sampled=False)
     # An adaptive-k teacher's padding trails each position's entries (shared.reader's
     # layout); as a repeat of a kept id it is the later slot, which the union empties.
     topk_ids, padding = unpadded(topk_ids)

@@ -145,6 +145,12 @@ def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
     codec, and adaptive k's padding to k with id -1 and log-prob -inf)."""
     table = pa.ipc.open_stream(content).read_all()
     info = DatasetInfo.model_validate_json(table.schema.metadata[PARQUET_METADATA_KEY])
+    if info.sampled is not None:
+        # Draws are no log-probs: the on-policy divergences need the teacher's own.
+        raise ValueError(
+            "the teacher service stores sampled draws (--sampled-draws), not log-probs;"
+            " on-policy training needs a server without --sampled-draws"
+        )
     batch = decode_table(table, info)
     call = ScoreCall()
     out = []

@@ -13,13 +13,14 @@ into a ``SequenceRecord`` (a shard row) by adding the key and the tail.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from distillcache.shared.keys import Mode
-from distillcache.shared.schema import Sampling
+from distillcache.shared.schema import SampledLogits, Sampling
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Query:
     ``score_ids`` (score only; empty, or one tuple per scored position): extra token ids
     whose exact log-probs the answer also carries. They are not part of the cache key:
     the top-k part of the answer is the same with or without them (see service.py).
+    ``sampled`` (the store's mode, ``in_mode``): answer each position with draws from the
+    teacher instead of its top-k. The draws are the answer, so the mode is in the key, and
+    ``k`` is then the draw count there whatever the request asked. ``draw_seed`` seeds
+    them: ``SampledLogits.seed_for`` of the query's own key, set by the service once keyed.
     """
 
     mode: Mode
@@ -41,6 +46,19 @@ class Query:
     completion_ids: tuple[int, ...] = ()
     logprob_start: int | None = None
     score_ids: tuple[tuple[int, ...], ...] = ()
+    sampled: SampledLogits | None = None
+    draw_seed: int | None = None
+
+    def in_mode(self, sampled: SampledLogits | None) -> Query:
+        """This query as a store of mode ``sampled`` asks it (None: the top-k)."""
+        if sampled is None or self.sampled == sampled:
+            return self
+        return dataclasses.replace(self, sampled=sampled)
+
+    @property
+    def key_k(self) -> int:
+        """The k the cache key covers: a sampled answer's width is its draw count."""
+        return self.k if self.sampled is None else self.sampled.draws
 
     @property
     def start(self) -> int:
@@ -60,22 +78,24 @@ class Query:
         """What the cache key covers beyond ids and k: a generation's sampling, normalised
         (greedy ignores ``top_p`` and ``seed``); where scoring starts, when it is not the
         first completion token."""
+        drawn = {} if self.sampled is None else {"sampled": self.sampled.model_dump()}
         if self.mode == "generate":
-            return self.sampling.normalized().model_dump()
+            return {**self.sampling.normalized().model_dump(), **drawn}
         if self.start == len(self.prompt_ids):
-            return {}
-        return {"logprob_start": self.start}
+            return drawn
+        return {"logprob_start": self.start, **drawn}
 
     def request_json(self) -> dict[str, Any]:
         """The shard's ``request`` column: what the key covers, in readable form."""
-        return {"mode": self.mode, "k": self.k, **self.key_sampling()}
+        return {"mode": self.mode, "k": self.key_k, **self.key_sampling()}
 
 
 @dataclass
 class TeacherOutput:
     """What the teacher produced for one query, in the shard contract's terms.
 
-    ``topk_ids``/``topk_logprobs`` are [n, k] (any order within a position),
+    ``topk_ids``/``topk_logprobs`` are [n, k] (any order within a position; for a
+    sampled query [n, N], the draws in memory form: see ``shared.schema``),
     ``token_logprob`` [n] is the log-prob of the token that actually came next.
     ``tail_logprob`` [n], the log of the mass outside the top-k, is given by a backend
     that computed it from more exact values than the float32 top-k (None: computed from

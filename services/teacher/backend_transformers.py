@@ -11,6 +11,12 @@ with an attention mask, generation left-pads with explicit position ids (so RoPE
 the same positions as an unpadded run), and each sampled request draws from its own
 ``torch.Generator`` seeded from its ``Sampling.seed``. Matrix products over a different
 batch shape may round differently in the last bits; that is the only difference.
+
+A sampled query (``Query.sampled``, RS-KD) gets, at each scored position, N draws with
+replacement from ``softmax(logits / T)`` over the whole vocabulary, from a generator of
+its own seeded with ``Query.draw_seed`` (from its cache key): positions in order, all N of
+a position at once (``torch.multinomial``). Recomputing the row (same logits) redraws the
+same tokens. The draws are kept as distinct ids with ``ln(count / N)`` (``_distinct``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from distillcache.shared.schema import Sampling
+from distillcache.shared.schema import SampledLogits, Sampling
 
 from .backend import Query, TeacherOutput, stop_token_ids
 from .cpu_attention import CPU_GQA_ATTENTION
@@ -153,10 +159,14 @@ class TransformersBackend:
         ):
             rows = logits[row, start - 1 - first : len(sequence) - 1 - first, : self.vocab_size]
             targets = torch.tensor(sequence[start:], device=self.device)
+            draws = _draw_generator(request, self.device)
             topk_ids, topk_logprobs, token_logprob, score_logprobs = _topk_and_token(
-                rows, targets, request.k, request.score_ids
+                rows, targets, request.k, request.score_ids, request.sampled, draws
             )
-            topk_logprobs, tail_logprob = _float32_with_tail(topk_logprobs)
+            if request.sampled is None:
+                topk_logprobs, tail_logprob = _float32_with_tail(topk_logprobs)
+            else:
+                topk_logprobs, tail_logprob = _drawn_with_tail(topk_logprobs)
             outputs.append(
                 TeacherOutput(
                     prompt_ids=list(request.prompt_ids),
@@ -194,10 +204,12 @@ class TransformersBackend:
             min(r.sampling.max_tokens, self.max_model_len - len(r.prompt_ids)) for r in batch
         ]
         generators = [_generator(r.sampling, self.device) for r in batch]
+        draw_generators = [_draw_generator(r, self.device) for r in batch]
         captures = [_Capture([], [], []) for _ in batch]
         completions: list[list[int]] = [[] for _ in batch]
         finish = ["length"] * len(batch)
-        max_k = max(r.k for r in batch)
+        # None: every query of the batch draws instead (k may be 0 for a top-k one).
+        max_k = max((r.k for r in batch if r.sampled is None), default=None)
         active = list(range(len(batch)))
         cache = DynamicCache(config=self.model.config)
         step_ids = input_ids
@@ -216,13 +228,21 @@ class TransformersBackend:
                 logprobs, [batch[i].sampling for i in active], [generators[i] for i in active]
             )
             token_logprobs = logprobs.gather(-1, tokens[:, None])[:, 0]
-            topk_logprobs, topk_ids = logprobs.topk(max_k, dim=-1)
+            if max_k is not None:
+                topk_logprobs, topk_ids = logprobs.topk(max_k, dim=-1)
             still = []
             for row, (index, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
-                k = batch[index].k
+                request = batch[index]
                 capture = captures[index]
-                capture.topk_ids.append(topk_ids[row, :k])
-                capture.topk_logprobs.append(topk_logprobs[row, :k])
+                if request.sampled is None:
+                    capture.topk_ids.append(topk_ids[row, : request.k])
+                    capture.topk_logprobs.append(topk_logprobs[row, : request.k])
+                else:
+                    ids, drawn = _draws(
+                        logprobs[row : row + 1], request.sampled, draw_generators[index]
+                    )
+                    capture.topk_ids.append(ids[0])
+                    capture.topk_logprobs.append(drawn[0])
                 capture.token_logprobs.append(token_logprobs[row].float())
                 completions[index].append(token)
                 if token in self.stop_ids:
@@ -248,7 +268,8 @@ class TransformersBackend:
         for request, capture, completion, reason in zip(
             batch, captures, completions, finish, strict=True
         ):
-            topk_logprobs, tail_logprob = _float32_with_tail(torch.stack(capture.topk_logprobs))
+            with_tail = _float32_with_tail if request.sampled is None else _drawn_with_tail
+            topk_logprobs, tail_logprob = with_tail(torch.stack(capture.topk_logprobs))
             outputs.append(
                 TeacherOutput(
                     prompt_ids=list(request.prompt_ids),
@@ -270,16 +291,22 @@ def _topk_and_token(
     targets: torch.Tensor,
     k: int,
     score_ids: Sequence[Sequence[int]] = (),
+    sampled: SampledLogits | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[np.ndarray] | None]:
     """Top-k (sorted, descending, float64), the targets' log-probs (float32) and, when
     ``score_ids`` are given (one list per position), the log-probs at those ids (float32,
     in the order given), all from an exact log-softmax computed ``_LOGSOFTMAX_ROWS``
-    positions at a time in float64."""
+    positions at a time in float64. With ``sampled``, the draws (``_draws``, from
+    ``generator``) instead of the top-k."""
     ids, values, tokens = [], [], []
     scored: list[np.ndarray] | None = [] if score_ids else None
     for start in range(0, logits.shape[0], _LOGSOFTMAX_ROWS):
         logprobs = torch.log_softmax(logits[start : start + _LOGSOFTMAX_ROWS].double(), dim=-1)
-        top_values, top_ids = logprobs.topk(k, dim=-1)
+        if sampled is None:
+            top_values, top_ids = logprobs.topk(k, dim=-1)
+        else:
+            top_ids, top_values = _draws(logprobs, sampled, generator)
         ids.append(top_ids)
         values.append(top_values)
         chunk_targets = targets[start : start + _LOGSOFTMAX_ROWS, None]
@@ -298,6 +325,39 @@ def _float32_with_tail(topk_logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndar
     the log-softmax (about 5e-6 nats high) and a tail below 1e-4 lose their digits."""
     tail = torch.log(-torch.expm1(torch.logsumexp(topk_logprobs, dim=-1)))
     return topk_logprobs.float().cpu().numpy(), tail.float().cpu().numpy()
+
+
+def _draw_generator(query, device: torch.device) -> torch.Generator | None:
+    """The generator of a sampled query's draws, seeded from its key (None: not sampled)."""
+    if query.sampled is None:
+        return None
+    if query.draw_seed is None:
+        raise ValueError("a sampled query needs its draw_seed (the service sets it from the key)")
+    return torch.Generator(device=device).manual_seed(query.draw_seed)
+
+
+def _draws(
+    logprobs: torch.Tensor, sampled: SampledLogits, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N draws per row of ``logprobs`` [n, V] (float64 log-softmax) from
+    ``softmax(logprobs / T)``, as (distinct ids [n, N], ``ln(count / N)`` [n, N]) padded
+    with -1 / -inf, ids ascending."""
+    probs = torch.softmax(logprobs / sampled.temperature, dim=-1)
+    picks = torch.multinomial(probs, sampled.draws, replacement=True, generator=generator)
+    picks = picks.sort(dim=-1).values
+    first = torch.ones_like(picks, dtype=torch.bool)
+    first[:, 1:] = picks[:, 1:] != picks[:, :-1]
+    slot = first.cumsum(dim=-1) - 1
+    # Every draw of an id writes the same id to that id's slot.
+    ids = torch.full_like(picks, -1).scatter(1, slot, picks)
+    ones = torch.ones(picks.shape, dtype=torch.float64, device=picks.device)
+    counts = torch.zeros_like(ones).scatter_add(1, slot, ones)
+    return ids, (counts / sampled.draws).log()
+
+
+def _drawn_with_tail(drawn: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Draws' ``ln(count / N)`` -> (float32 values, a tail of -inf: the draws are all)."""
+    return drawn.float().cpu().numpy(), np.full(drawn.shape[0], -np.inf, dtype=np.float32)
 
 
 def _next_tokens(

@@ -34,6 +34,8 @@ CACHE_SETTINGS = (
     "adaptive_mass",
     "adaptive_min_prob",
     "adaptive_min_k",
+    "sampled_draws",
+    "sample_temperature",
     "device",
     "dtype",
     "gpu_memory_utilization",
@@ -179,8 +181,8 @@ def cache(
 
 
 def _check_existing_dataset(out: Path | str, settings: TeacherSettings, sampling: Sampling) -> None:
-    """One dataset, one set of settings: a rerun with another k, codec, adaptive-k rule or
-    sampling would mix rows made differently under metadata that names only the first."""
+    """One dataset, one set of settings: a rerun with another k, codec, adaptive-k rule,
+    sampled mode or sampling would mix rows made differently under metadata that names only the first."""
     from distillcache.shared.manifest import DatasetError, read_manifest
 
     try:
@@ -193,6 +195,10 @@ def _check_existing_dataset(out: Path | str, settings: TeacherSettings, sampling
         "adaptive k": settings.adaptive_k,
     }
     stored = {"k": info.k, "logprob_codec": info.logprob_codec, "adaptive k": info.adaptive}
+    if settings.sampled is not None or info.sampled is not None:
+        # A sampled dataset's k and codec follow from its mode (DatasetInfo).
+        wanted = {"sampled": settings.sampled}
+        stored = {"sampled": info.sampled}
     if info.sampling is not None:
         wanted.update(sampling.model_dump())
         stored.update(info.sampling.model_dump())

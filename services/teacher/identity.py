@@ -18,7 +18,13 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
 from distillcache.shared.keys import cache_key, tokenizer_hash
-from distillcache.shared.schema import AdaptiveK, DatasetInfo, LogprobCodec, Sampling
+from distillcache.shared.schema import (
+    AdaptiveK,
+    DatasetInfo,
+    LogprobCodec,
+    SampledLogits,
+    Sampling,
+)
 
 from .backend import Query, TeacherBackend
 
@@ -157,7 +163,7 @@ class TeacherIdentity:
             tokenizer_hash=self.tokenizer_hash,
             prompt_ids=query.prompt_ids,
             mode=query.mode,
-            k=query.k,
+            k=query.key_k,
             sampling=query.key_sampling(),
             completion_ids=query.completion_ids if query.mode == "score" else None,
         )
@@ -168,7 +174,12 @@ class TeacherIdentity:
         codec: LogprobCodec,
         sampling: Sampling | None,
         adaptive: AdaptiveK | None = None,
+        sampled: SampledLogits | None = None,
     ) -> DatasetInfo:
+        """What a dataset of this teacher's answers records. A sampled dataset's k is its
+        draw count and its codec float32 (its only log-probs are ``token_logprob``)."""
+        if sampled is not None:
+            k, codec = sampled.draws, "float32"
         return DatasetInfo(
             teacher_model=self.model_id,
             teacher_revision=self.revision,
@@ -178,6 +189,7 @@ class TeacherIdentity:
             logit_width=self.logit_width,
             k=k,
             adaptive=adaptive,
+            sampled=sampled,
             logprob_codec=codec,
             sampling=sampling,
             backend=self.backend,
@@ -185,9 +197,12 @@ class TeacherIdentity:
             dtype=self.dtype,
         )
 
-    def live_dataset(self, k: int, adaptive: AdaptiveK | None = None) -> str:
+    def live_dataset(
+        self, k: int, adaptive: AdaptiveK | None = None, sampled: SampledLogits | None = None
+    ) -> str:
         """The live dataset of top-``k`` answers; one per adaptive-k rule too (a dataset
-        has one rule), named ``...-k<k>-a<hash of the rule>``."""
+        has one rule), named ``...-k<k>-a<hash of the rule>``; one per sampled mode,
+        ``...-k<N>-s<hash of the mode>``."""
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model_id).name).strip("-.")[:40]
         digest = hashlib.sha256(
             f"{self.weights}\0{self.numerics}\0{self.tokenizer_hash}".encode()
@@ -195,4 +210,6 @@ class TeacherIdentity:
         name = f"live-{base or 'teacher'}-{digest}-k{k}"
         if adaptive is not None:
             name += "-a" + hashlib.sha256(adaptive.model_dump_json().encode()).hexdigest()[:8]
+        if sampled is not None:
+            name += "-s" + hashlib.sha256(sampled.model_dump_json().encode()).hexdigest()[:8]
         return name

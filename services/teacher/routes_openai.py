@@ -95,7 +95,7 @@ async def completions(body: CompletionBody, rt: Ready, state: State, request: Re
         answers = await answer_queries(rt, request, queries, settings.max_response_entries, name)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    wire = Wire(settings.logprob_codec, settings.logprobs_mode, tokenizer)
+    wire = Wire(rt.store.codec, settings.logprobs_mode, tokenizer)
 
     def encode() -> bytes:
         return json.dumps(completion_response(body, planned, answers, model, wire)).encode()
@@ -156,7 +156,7 @@ async def respond_json(
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     answers = [next(got) if q is not None else None for q in queries]
-    wire = Wire(settings.logprob_codec, settings.logprobs_mode, rt.backend.tokenizer)
+    wire = Wire(rt.store.codec, settings.logprobs_mode, rt.backend.tokenizer)
 
     def encode() -> bytes:
         return json.dumps(shape(answers, wire)).encode()

@@ -123,9 +123,9 @@ async def _answer(
         )
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    codec = settings.logprob_codec
+    codec = rt.store.codec
     if wants_arrow(request.headers.get("accept")):
-        info = rt.store.identity.dataset_info(queries[0].k, codec, None, rt.store.adaptive)
+        info = rt.store.dataset_info(queries[0].k, None)
         body = await asyncio.to_thread(encode_answers, answers, info)
         return Response(body, media_type=ARROW_STREAM)
 

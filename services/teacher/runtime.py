@@ -78,12 +78,13 @@ async def build_runtime(
             TeacherStore,
             settings.data_root,
             TeacherIdentity.of(backend),
-            codec=settings.logprob_codec,
+            codec=settings.stored_codec,
             flush_rows=settings.flush_rows,
             flush_seconds=settings.flush_seconds,
             row_group_tokens=settings.row_group_tokens,
             sources=settings.cache_sources,
             adaptive=settings.adaptive_k,
+            sampled=settings.sampled,
         )
         jobs = JobStore(store.state_dir / "jobs.sqlite")
     except BaseException:

@@ -54,7 +54,7 @@ from typing import Any
 from distillcache.shared.inputs import iter_input_rows
 from distillcache.shared.manifest import is_dataset
 from distillcache.shared.reader import ShardDataset
-from distillcache.shared.schema import KEY
+from distillcache.shared.schema import KEY, SampledLogits
 from distillcache.shared.storage import is_uri
 
 from .backend import Query
@@ -79,6 +79,11 @@ class PlanContext:
     identity: TeacherIdentity
     limits: Limits
     tokenizer: Any
+    sampled: SampledLogits | None = None
+
+    def key(self, query: Query) -> str:
+        """The key a worker's service gives ``query`` (``TeacherService.key``)."""
+        return self.identity.key(query.in_mode(self.sampled))
 
 
 @dataclass
@@ -139,7 +144,8 @@ class CaptureWorker:
         if self._failure is not None:
             raise self._failure
         service = self._runtime.service
-        return PlanContext(self._runtime.store.identity, service.limits, service.backend.tokenizer)
+        store = self._runtime.store
+        return PlanContext(store.identity, service.limits, service.backend.tokenizer, store.sampled)
 
     def answer(self, queries: list[Query], metas: list[dict[str, Any]]) -> JobProgress:
         """Answer one chunk into the dataset; rows are published by the store's flush
@@ -318,7 +324,7 @@ class _Planner:
             todo: list[Query] = []
             metas: list[dict[str, Any]] = []
             for query, row in zip(queries, rows, strict=True):
-                key = self.context.identity.key(query)
+                key = self.context.key(query)
                 if key in published or key in planned:
                     progress.rows_present += 1
                     progress.rows_done += 1
@@ -339,7 +345,7 @@ class _Planner:
             todo: list[Query] = []
             metas: list[dict[str, Any]] = []
             for query, row in zip(queries, rows, strict=True):
-                key = self.context.identity.key(query)
+                key = self.context.key(query)
                 if key in missing:
                     missing.discard(key)
                     todo.append(query)

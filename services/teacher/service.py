@@ -31,6 +31,7 @@ import numpy as np
 
 from distillcache.shared.manifest import DatasetError
 from distillcache.shared.record import SequenceRecord
+from distillcache.shared.schema import SampledLogits
 
 from .backend import Query, TeacherBackend, TeacherOutput
 from .batcher import Batcher
@@ -75,7 +76,8 @@ class TeacherService:
         self._flights: dict[str, asyncio.Future[_Fresh]] = {}
 
     def key(self, query: Query) -> str:
-        return self.store.identity.key(query)
+        """The cache key of ``query`` as this service answers it (in the store's mode)."""
+        return self.store.identity.key(query.in_mode(self.store.sampled))
 
     async def answer(
         self,
@@ -98,7 +100,14 @@ class TeacherService:
         if dataset is not None and cache != "read-write":
             raise ValueError(f"a dataset is written in read-write mode, not {cache!r}")
         metas = list(metas) if metas is not None else [{} for _ in queries]
+        queries = [q.in_mode(self.store.sampled) for q in queries]
         keys = [self.key(q) for q in queries]
+        if self.store.sampled is not None:
+            # A row's draws are seeded by its key, so recomputing it gives the same draws.
+            queries = [
+                dataclasses.replace(q, draw_seed=SampledLogits.seed_for(key))
+                for q, key in zip(queries, keys, strict=True)
+            ]
         # Queries with score_ids share their record's key but not their answer (module doc).
         flight_keys = [k + _score_ids_suffix(q) for k, q in zip(keys, queries, strict=True)]
         hits: dict[str, Answer] = {}

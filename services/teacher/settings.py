@@ -19,7 +19,14 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from distillcache.shared.schema import AdaptiveK, LogprobCodec
+from distillcache.shared.schema import (
+    MAX_DRAWS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    AdaptiveK,
+    LogprobCodec,
+    SampledLogits,
+)
 
 
 class TeacherSettings(BaseSettings):
@@ -106,6 +113,20 @@ class TeacherSettings(BaseSettings):
     adaptive_min_k: int | None = Field(
         None, ge=1, description="Adaptive k: keep at least this many entries per position [1]."
     )
+    sampled_draws: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DRAWS,
+        description="Sampled sparse logits (RS-KD) instead of the top-k: draw this many "
+        "tokens per position from the teacher's full distribution and store the distinct "
+        "ids with their counts (transformers backend; docs/shard-format.md).",
+    )
+    sample_temperature: float | None = Field(
+        None,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        description="Sampled sparse logits: draw from softmax(logits / this) [1.0].",
+    )
     served_model_name: str | None = Field(
         None,
         description="/v1/completions, /v1/models: the model name clients send and see "
@@ -172,6 +193,36 @@ class TeacherSettings(BaseSettings):
         if self.adaptive_min_k is not None and self.adaptive_k is None:
             raise ValueError("adaptive_min_k needs adaptive_mass or adaptive_min_prob")
         return self
+
+    @model_validator(mode="after")
+    def _sampled_mode(self) -> TeacherSettings:
+        if self.sample_temperature is not None and self.sampled_draws is None:
+            raise ValueError("sample_temperature needs sampled_draws")
+        if self.sampled_draws is not None and self.adaptive_k is not None:
+            raise ValueError("sampled_draws and adaptive k are two modes; choose one")
+        if self.sampled_draws is not None and self.backend != "transformers":
+            raise ValueError(
+                f"sampled_draws: the {self.backend} backend returns only its top-n log-probs "
+                "per position (prompt_logprobs, capped by max_logprobs) and cannot draw from "
+                "its full distribution; use --backend transformers"
+            )
+        return self
+
+    @property
+    def stored_codec(self) -> LogprobCodec:
+        """The codec answers are stored and served with: in sampled mode the entries are
+        ``ln(count / N)``, kept exact (float32), whatever ``logprob_codec`` says."""
+        return "float32" if self.sampled_draws is not None else self.logprob_codec
+
+    @property
+    def sampled(self) -> SampledLogits | None:
+        """How every dataset's positions are drawn (None: the top-k is stored)."""
+        if self.sampled_draws is None:
+            return None
+        return SampledLogits(
+            draws=self.sampled_draws,
+            temperature=1.0 if self.sample_temperature is None else self.sample_temperature,
+        )
 
     @property
     def adaptive_k(self) -> AdaptiveK | None:

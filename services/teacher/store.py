@@ -25,6 +25,10 @@ Like the codec, the rule is a property of how answers are stored, not of the tea
 answer, so it is not in the key: a full top-k row answers an adaptive store without
 running the teacher again. Every answer this store gives is cut by its rule
 (``shape``), so a fresh answer reads as its cached copy will.
+A store in sampled mode (``sampled``, RS-KD draws instead of the top-k) is different:
+the draws are the teacher's answer, so the mode is in the key (``Query.in_mode``) and a
+sampled answer never meets a top-k query, nor a top-k row a sampled one; every dataset
+it writes is a sampled one, k being the draw count whatever k a job or request names.
 Besides the data root's datasets, read-only *sources* (``--cache-sources``: datasets on
 object storage, e.g. the output of a capture run on a cluster, or directories elsewhere)
 answer lookups too, under the same rules; they are indexed under their URI as name and
@@ -59,6 +63,7 @@ from distillcache.shared.schema import (
     AdaptiveK,
     DatasetInfo,
     LogprobCodec,
+    SampledLogits,
     Sampling,
     adaptive_answers,
     as_exact_codecs,
@@ -148,11 +153,13 @@ class TeacherStore:
         row_group_tokens: int,
         sources: Sequence[str] = (),
         adaptive: AdaptiveK | None = None,
+        sampled: SampledLogits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``sources``: read-only datasets (``s3://`` URIs or directories) whose rows
         answer lookups too. ``adaptive``: the adaptive-k rule of every dataset this store
-        writes (None: the full top-k). ``clock`` gives the seconds the flush policy and
+        writes (None: the full top-k). ``sampled``: draw every answer instead (module
+        docstring). ``clock`` gives the seconds the flush policy and
         index refreshes measure; tests pass a clock they advance themselves."""
         self.data_root = Path(data_root).resolve()
         self.data_root.mkdir(parents=True, exist_ok=True)
@@ -160,6 +167,7 @@ class TeacherStore:
         self.codec: LogprobCodec = codec
         self._exact_codecs = as_exact_codecs(codec)
         self.adaptive = adaptive
+        self.sampled = sampled
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.row_group_tokens = row_group_tokens
@@ -188,6 +196,8 @@ class TeacherStore:
         Raises DatasetError when the directory holds a dataset made by another teacher,
         tokenizer, k or codec; opening an already open dataset does nothing.
         """
+        if self.sampled is not None:
+            k = self.sampled.draws
         with self._lock:
             if name in self._open:
                 if self._open[name].writer.info.k != k:
@@ -195,7 +205,7 @@ class TeacherStore:
                         f"dataset {name} holds k={self._open[name].writer.info.k}, not k={k}"
                     )
                 return
-            info = self.identity.dataset_info(k, self.codec, sampling, self.adaptive)
+            info = self.dataset_info(k, sampling)
             if is_uri(name):
                 # Indexed like a read-only source, so its published keys are skipped too.
                 self.index.add_source(name)
@@ -206,8 +216,12 @@ class TeacherStore:
             )
             self._open[name] = _OpenDataset(writer)
 
+    def dataset_info(self, k: int, sampling: Sampling | None) -> DatasetInfo:
+        """What a dataset of this store's answers of width ``k`` records."""
+        return self.identity.dataset_info(k, self.codec, sampling, self.adaptive, self.sampled)
+
     def open_live_dataset(self, k: int) -> str:
-        name = self.identity.live_dataset(k, self.adaptive)
+        name = self.identity.live_dataset(k, self.adaptive, self.sampled)
         self.open_dataset(name, k, None)
         return name
 
@@ -254,8 +268,10 @@ class TeacherStore:
             open_now = list(self._open.items())
         for name, ds in open_now:
             info = ds.writer.info
-            if info.logprob_codec not in self._exact_codecs or not adaptive_answers(
-                info.adaptive, self.adaptive
+            if (
+                info.logprob_codec not in self._exact_codecs
+                or not adaptive_answers(info.adaptive, self.adaptive)
+                or info.sampled != self.sampled
             ):
                 continue
             with ds.lock:
