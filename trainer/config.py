@@ -98,7 +98,8 @@ class TrainConfig(BaseModel):
         8,
         ge=0,
         description="The student's own top-N ids per position whose exact teacher log-probs "
-        "are asked (score_ids); the loss runs on their union with the teacher's top-k.",
+        "are asked (score_ids); the loss runs on their union with the teacher's top-k. "
+        "Not asked across tokenizers (--cross-tokenizer).",
     )
     teacher_k: int | None = Field(
         None, ge=1, description="Teacher top-k on on-policy steps (default: the server's)."
@@ -114,7 +115,9 @@ class TrainConfig(BaseModel):
         description="Distil across tokenizers: the cached completions are retokenized for the "
         "student and compared chunk by chunk (spans both tokenizers cut at); matched "
         "vocabulary through --loss, the rest by sorted-probability L1 (ULD). With --loss sft: "
-        "SFT on the retokenized teacher text. Padded batches only (no --packing).",
+        "SFT on the retokenized teacher text. On-policy steps send the student's sampled text "
+        "to the teacher in the teacher's tokenization and align it the same way. Padded "
+        "batches only (no --packing).",
     )
     alm_weight: float = Field(
         0.0,
@@ -210,8 +213,11 @@ class TrainConfig(BaseModel):
                 )
         if self.cross_tokenizer and self.packing:
             raise ValueError("cross_tokenizer batches are padded; drop packing")
-        if self.cross_tokenizer and self.on_policy_fraction > 0:
-            raise ValueError("on-policy steps do not run across tokenizers yet")
+        if self.cross_tokenizer and self.score_top > 0 and "score_top" in self.model_fields_set:
+            raise ValueError(
+                "score_top: across tokenizers the teacher is asked for its top-k only (the "
+                "chunk loss has no support for the student's own ids); drop --score-top"
+            )
         return self
 
     def to_json(self) -> str:

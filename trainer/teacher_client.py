@@ -42,8 +42,9 @@ class TeacherUnavailable(RuntimeError):
 @dataclass
 class ScoredSequence:
     """The teacher's answer for one (prompt, completion) pair, per completion position:
-    ``topk_ids``/``topk_logprobs`` [C, k], ``tail_logprob`` [C] and, when score_ids were
-    answered, ``score_logprobs`` [C, s] (None when the teacher could not)."""
+    ``topk_ids``/``topk_logprobs`` [C, k], ``tail_logprob`` [C], ``token_logprob`` [C]
+    (its log-prob of the completion's own token there) and, when score_ids were answered,
+    ``score_logprobs`` [C, s] (None when the teacher could not)."""
 
     key: str
     topk_ids: np.ndarray
@@ -51,14 +52,17 @@ class ScoredSequence:
     tail_logprob: np.ndarray
     score_logprobs: np.ndarray | None
     cached: bool
+    token_logprob: np.ndarray
 
 
 @dataclass
 class ScoreCall:
-    """What one call cost: teacher tokens scored fresh, tokens answered from the cache."""
+    """What one call cost (teacher tokens scored fresh, tokens answered from the cache)
+    and what answered it: the ``DatasetInfo`` of the answer (its tokenizer, k, codec)."""
 
     scored_tokens: int = 0
     cached_tokens: int = 0
+    info: DatasetInfo | None = None
 
 
 class TeacherClient:
@@ -146,7 +150,7 @@ def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
     table = pa.ipc.open_stream(content).read_all()
     info = DatasetInfo.model_validate_json(table.schema.metadata[PARQUET_METADATA_KEY])
     batch = decode_table(table, info)
-    call = ScoreCall()
+    call = ScoreCall(info=info)
     out = []
     for i, row in enumerate(table.select(["cached", "score_logprobs"]).to_pylist()):
         # Positions from logprob_start; keep those that predict completion tokens.
@@ -168,6 +172,7 @@ def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
                 if scores is None
                 else np.asarray(scores, dtype=np.float32)[skip:],
                 cached=bool(row["cached"]),
+                token_logprob=batch.token_logprob[scored].astype(np.float32),
             )
         )
     return out, call

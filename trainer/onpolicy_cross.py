@@ -1,0 +1,220 @@
+"""On-policy steps across tokenizers: the student's samples, scored by the teacher as text.
+
+``onpolicy.OnPolicy`` samples in the student's ids and asks the teacher about those ids;
+a teacher of another tokenizer cannot read them. Here the student samples as there (same
+prompts drawn from (seed, step), same sampler and saved RNG state), then:
+
+- **What the teacher scores.** The text of each sample, in the teacher's own tokenization
+  (``aligned_data.Retokenizer.to_teacher``): the longest valid UTF-8 prefix of the
+  sampled bytes, encoded with the teacher's tokenizer, closed with the teacher's eos only
+  when the student stopped there. The trainer encodes it and sends ``completion_ids``
+  rather than the service's ``completion`` text field, because that field closes every
+  text with eos (a sample cut at ``sample_max_new_tokens`` did not stop) and refuses a
+  blank text (a student that stops at once is a sample the teacher must score). The
+  tokenizer is the teacher's own: loaded as the off-policy path loads it (checked against
+  the dataset's tokenizer hash), and checked against the hash in every answer's
+  ``DatasetInfo``, so a served teacher of another tokenizer stops the run with one line.
+  The prompt is the teacher's: ``prompt_ids`` from the dataset, or the prompt file's
+  ``messages``, which the service renders with the teacher's chat template.
+- **One tokenizer on both sides** (the vocabulary map is the identity): the sampled ids
+  are the teacher's ids already and are sent as they are, exactly what a same-tokenizer
+  on-policy step sends, so every chunk is 1:1.
+- **No score_ids.** The chunk loss compares the teacher's top-k through the vocabulary map
+  plus one bucket, and its unmatched mass by ULD's sorted L1; it has no support for extra
+  ids, and the teacher's positions are known only once the text is tokenized. So across
+  tokenizers the teacher's top-k (and tail) is all it is asked; ``config`` refuses an
+  explicit ``--score-top`` with ``--cross-tokenizer``. An answer without score_ids is also
+  answered from the cache when a resumed run repeats a step.
+- **The batch** is an ``aligned_data.AlignedBatch`` laid out by ``Retokenizer.layout``,
+  the same alignment as a cached row's, so ``DistillStudent`` trains it with the one
+  cross-tokenizer loss (``cross_tokenizer.cross_head_loss``). A sample with no text the
+  teacher can spell back (nothing but an unfinished character) is not sent; its
+  positions, like any past the last complete chunk, get the hard-label term only.
+
+Every sent sample is stored in the run's dataset with the same ``meta`` as a
+same-tokenizer step's (step, seed, micro-batch, row), in the teacher's ids.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from distillcache.shared.inputs import load_input_rows, render_prompt
+from distillcache.shared.keys import tokenizer_hash
+
+from .aligned_data import (
+    AlignedBatch,
+    AlignedExample,
+    AlignedShardSource,
+    Retokenizer,
+    RowAlignment,
+    collate_aligned,
+)
+from .config import TrainConfig
+from .onpolicy import MAX_DATA_PROMPTS, OnPolicy
+from .stream import iter_held_out
+from .teacher_client import ScoreCall, TeacherClient
+
+
+@dataclass
+class CrossPrompt:
+    """One prompt as each side reads it: the student's ids, and the teacher's fields of a
+    score pair (``prompt_ids`` or ``messages``)."""
+
+    student: np.ndarray
+    teacher: dict[str, Any]
+
+
+def load_cross_prompts(
+    config: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    retokenizer: Retokenizer,
+    source: AlignedShardSource,
+    units: list[Any],
+) -> list[CrossPrompt]:
+    """The prompt file's rows (each side's own chat template: the student's rendered
+    here, the teacher's by the service) or the distinct prompts of the training data (the
+    teacher's ids, and their text encoded for the student as off-policy rows are); those
+    leaving the student no room for a completion are dropped."""
+    if config.prompts is not None:
+        rows, errors = load_input_rows(config.prompts)
+        if errors:
+            raise ValueError(f"{config.prompts}: {len(errors)} bad rows; first: {errors[0]}")
+        prompts = [
+            CrossPrompt(
+                np.asarray(render_prompt(tokenizer, r.messages), np.int64),
+                {"messages": r.messages},
+            )
+            for r in rows
+        ]
+        where = config.prompts
+    else:
+        seen: dict[bytes, np.ndarray] = {}
+        for example in iter_held_out(source.shards, units, rank=0, world=1):
+            ids = np.asarray(example.prompt_ids, np.int64)
+            seen.setdefault(ids.tobytes(), ids)
+            if len(seen) >= MAX_DATA_PROMPTS:
+                break
+        prompts = [
+            CrossPrompt(retokenizer.prompt(ids).astype(np.int64), {"prompt_ids": ids.tolist()})
+            for ids in seen.values()
+        ]
+        where = config.data
+    room = config.max_length + 1 - config.sample_max_new_tokens
+    kept = [p for p in prompts if 0 < len(p.student) <= room]
+    if not kept:
+        raise ValueError(
+            f"{where}: no prompt of at most {room} student tokens (max_length "
+            f"{config.max_length} + 1 - sample_max_new_tokens {config.sample_max_new_tokens}); "
+            "raise max_length"
+        )
+    return kept
+
+
+class CrossOnPolicy(OnPolicy):
+    """Makes on-policy batches for one rank of a student with another tokenizer."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[CrossPrompt],
+        vocab_size: int,
+        rank: int,
+        retokenizer: Retokenizer,
+        client: TeacherClient | None = None,
+    ) -> None:
+        super().__init__(config, tokenizer, [p.student for p in prompts], vocab_size, rank, client)
+        self.teacher_prompts = [p.teacher for p in prompts]
+        self.retokenizer = retokenizer
+        self.teacher_hash = tokenizer_hash(retokenizer.teacher)
+        table = retokenizer.vocab_map.teacher_to_student
+        self.one_vocabulary = len(table) == vocab_size and bool(
+            (table == np.arange(len(table))).all()
+        )
+
+    def batch(self, model: torch.nn.Module, step: int, micro: int) -> AlignedBatch:
+        """Micro-batch ``micro`` of step ``step``: sampled, scored as text, aligned."""
+        chosen = self.draw(step, micro)
+        start = time.perf_counter()
+        completions, _ = self.sample(model, [self.prompts[i] for i in chosen])
+        sampled = time.perf_counter()
+        teacher_ids = [
+            c if self.one_vocabulary else self.retokenizer.to_teacher(c) for c in completions
+        ]
+        pairs, sent = [], []
+        for row, (index, ids) in enumerate(zip(chosen, teacher_ids, strict=True)):
+            if len(ids) == 0:
+                continue
+            meta = {"step": step, "seed": self.config.seed, "micro": micro, "row": row}
+            pairs.append(
+                {**self.teacher_prompts[index], "completion_ids": ids.tolist(), "meta": meta}
+            )
+            sent.append(row)
+        scored, call = [], ScoreCall()
+        if pairs:
+            scored, call = self.client.score(pairs, k=self.config.teacher_k, dataset=self.dataset)
+            self._check(call)
+        self.cost.add(call, sampled - start, time.perf_counter() - sampled)
+        answers = dict(zip(sent, scored, strict=True))
+        k = call.info.k if call.info is not None else 1
+        examples = [
+            self._example(self.prompts[index], completion, ids, answers.get(row), k)
+            for row, (index, completion, ids) in enumerate(
+                zip(chosen, completions, teacher_ids, strict=True)
+            )
+        ]
+        return collate_aligned(examples, self.tokenizer.pad_token_id)
+
+    def _example(self, prompt, completion, teacher_ids, answer, k: int) -> AlignedExample:
+        retok = self.retokenizer
+        stops = len(teacher_ids) > 0 and int(teacher_ids[-1]) == retok.teacher_eos
+        text_bytes = len(retok.teacher_bytes.text_bytes(teacher_ids[: len(teacher_ids) - stops]))
+        if answer is None:  # nothing was scored: no chunk
+            row = RowAlignment(teacher_ids, completion, np.zeros((0, 4), np.int64), text_bytes)
+            empty = np.zeros((0, k))
+            return retok.layout(
+                "", prompt, row, empty.astype(np.int64), empty, empty[:, 0], empty[:, 0]
+            )
+        row = retok.pair(teacher_ids, completion, text_bytes)
+        return retok.layout(
+            answer.key,
+            prompt,
+            row,
+            answer.topk_ids,
+            answer.topk_logprobs,
+            answer.tail_logprob,
+            answer.token_logprob,
+        )
+
+    def _check(self, call: ScoreCall) -> None:
+        """The answering teacher tokenizes as this run's teacher tokenizer, with a full k."""
+        info, url = call.info, self.client.url
+        if info.tokenizer_hash != self.teacher_hash:
+            raise ValueError(
+                f"the teacher at {url} uses the tokenizer {info.tokenizer} (hash "
+                f"{info.tokenizer_hash[:12]}), not the one this run aligns with (hash "
+                f"{self.teacher_hash[:12]}): serve the teacher that made --data, or give its "
+                "tokenizer with --teacher-tokenizer"
+            )
+        if info.adaptive is not None:
+            raise ValueError(
+                f"the teacher at {url} answers with adaptive k ({info.adaptive}); cross-tokenizer "
+                "on-policy steps need a fixed k: serve it without adaptive_mass/adaptive_min_prob"
+            )
+
+
+def open_cross_onpolicy(
+    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, data, vocab_size: int, rank: int
+) -> CrossOnPolicy:
+    """The on-policy step maker of a cross-tokenizer run (``data`` from
+    ``aligned_data.open_aligned_data``: its source holds the run's ``Retokenizer``)."""
+    retokenizer = data.source.retokenizer
+    prompts = load_cross_prompts(config, tokenizer, retokenizer, data.source, data.train_units)
+    return CrossOnPolicy(config, tokenizer, prompts, vocab_size, rank, retokenizer)
