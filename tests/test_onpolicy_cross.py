@@ -131,21 +131,50 @@ def test_a_sample_reaches_the_teacher_as_its_text_in_the_teachers_ids(tmp_path):
     assert (row.chunks[:, 1] - row.chunks[:, 0] != 1).any(), "the numbers split differently"
 
 
+@pytest.fixture(scope="module")
+def float32_url(world):
+    """The same teacher served with the float32 log-prob codec: its top-k reach the
+    trainer unrounded, so 1 - sum(top-k) is the tail it recorded."""
+    settings = TeacherSettings(
+        model=str(world["teacher"]),
+        data_root=world["root"] / "served-f32",
+        max_k=64,
+        default_k=8,
+        logprob_codec="float32",
+        flush_rows=1,
+    )
+    with thread_server(settings) as url:
+        yield url
+
+
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("score_top", [0, 8])
 def test_one_tokenizer_on_both_sides_gives_the_same_on_policy_loss_and_gradients(
-    world, tmp_path, loss
+    world, float32_url, tmp_path, loss, score_top
 ):
     """--cross-tokenizer with SmolLM2's tokenizer on both sides against a same-tokenizer
-    on-policy step of the same run: the same samples, every chunk 1:1, and the same loss
-    and gradients as the same-tokenizer loss of those scored rows (``chunked_head_loss``,
-    what they train as when read back from the run's dataset). The same-tokenizer step
-    asks no score_ids (--score-top 0), as cross-tokenizer steps do not. Its own on-policy
-    loss (``union_head_loss``) differs slightly even so: it takes the teacher's rest mass
-    as 1 - sum(top-k) of the decoded log-probs, where the cached row's ``tail_logprob``,
-    which both other losses use, was computed before the codec rounded them."""
-    settings = dict(student="smol_student", loss=loss, temperature=2.0, alpha=0.1, seed=3)
-    cross_config = config(world, tmp_path / f"cross-{loss}", **settings)
-    plain_config = config(world, tmp_path / "plain", cross_tokenizer=False, score_top=0, **settings)
+    on-policy step of the same run: the same samples and score_ids, every chunk 1:1, the
+    same loss and gradients.
+
+    With score_ids (8) the reference is the same-tokenizer on-policy loss itself
+    (``union_head_loss``), from a teacher served with the float32 codec. Under a rounding
+    codec the two differ slightly (about 3e-4 of the loss with cbrt-u8): the union takes
+    the teacher's rest mass as 1 - sum of the decoded log-probs, the chunk loss the
+    ``tail_logprob`` recorded before rounding, as it does for cached rows. Without
+    score_ids (0) the reference is the same-tokenizer loss of those scored rows read as
+    cached ones (``chunked_head_loss``), which uses that tail too, served with cbrt-u8."""
+    url = float32_url if score_top else world["url"]
+    settings = dict(
+        student="smol_student",
+        loss=loss,
+        temperature=2.0,
+        alpha=0.1,
+        seed=3,
+        score_top=score_top,
+        teacher_url=url,
+    )
+    cross_config = config(world, tmp_path / f"cross-{loss}-{score_top}", **settings)
+    plain_config = config(world, tmp_path / "plain", cross_tokenizer=False, **settings)
     tokenizer = load_tokenizer(cross_config.student)
     data, vocab_map = open_aligned_data(cross_config, tokenizer)
     ensure_pad_token(tokenizer)
@@ -170,10 +199,12 @@ def test_one_tokenizer_on_both_sides_gives_the_same_on_policy_loss_and_gradients
         aligned, same = cross.batch(model, step, 0), plain.batch(model, step, 0)
         assert torch.equal(aligned.input_ids, same.input_ids), "the same samples"
         assert aligned.chunk_first.all() and aligned.aligned.all(), "every chunk 1:1"
-        assert same.score_ids.shape[1] == 0
-        batches = [aligned, Batch(**{f.name: getattr(same, f.name) for f in fields(Batch)})]
+        assert torch.equal(aligned.score_ids, same.score_ids), "the same score_ids"
+        assert aligned.score_ids.shape[1] == score_top
+        if not score_top:
+            same = Batch(**{f.name: getattr(same, f.name) for f in fields(Batch)})
         results = []
-        for batch in batches:
+        for batch in (aligned, same):
             model.zero_grad()
             total, stats = student(batch)
             total.backward()
@@ -182,8 +213,10 @@ def test_one_tokenizer_on_both_sides_gives_the_same_on_policy_loss_and_gradients
         assert abs(a_loss.item() - b_loss.item()) <= 1e-6 * max(1.0, abs(b_loss.item()))
         torch.testing.assert_close(a_stats, b_stats, rtol=1e-6, atol=1e-5)
         assert (a_grad - b_grad).abs().max().item() <= 1e-6 * max(1.0, b_grad.abs().max().item())
-    # Both runs' samples are stored, in the teacher's (here: the same) ids.
-    stored = list(ShardDataset(world["served"] / f"onpolicy-cross-{loss}").iter_records())
+    # The cross run's samples are stored in its dataset, in the teacher's (here: the
+    # same) ids.
+    served = world["root"] / ("served-f32" if score_top else "served")
+    stored = list(ShardDataset(served / f"onpolicy-cross-{loss}-{score_top}").iter_records())
     assert len(stored) == 8 and {r.meta["step"] for r in stored} == {0, 1}
 
 

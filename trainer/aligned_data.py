@@ -62,7 +62,9 @@ class AlignedExample(Example):
     ``tail_logprob``, ``teacher_logprob`` and ``teacher_rest``, are meaningful where
     ``chunk_first``; ``aligned`` marks positions inside a complete chunk.
     ``completion_bytes`` is the UTF-8 length of the completion's text (without special
-    tokens), the denominator of bits per byte.
+    tokens), the denominator of bits per byte. ``score_ids`` [C, s] (student ids, -1 none)
+    and ``score_logprobs`` [C, s]: the teacher's exact log-probs at the student's own ids,
+    at 1:1 chunks of on-policy samples (s = 0 for cached rows).
     """
 
     chunk_first: np.ndarray | None = None
@@ -71,6 +73,8 @@ class AlignedExample(Example):
     teacher_rest: np.ndarray | None = None
     completion_bytes: int = 0
     byte_ends: np.ndarray | None = None
+    score_ids: np.ndarray | None = None
+    score_logprobs: np.ndarray | None = None
 
     def truncated(self, max_length: int) -> AlignedExample | None:
         """Cut the completion as ``Example.truncated`` does; a chunk cut in two loses its
@@ -101,6 +105,8 @@ class AlignedExample(Example):
             self.teacher_rest[cut],
             int(self.byte_ends[room - 1]),
             self.byte_ends[cut],
+            self.score_ids[cut],
+            self.score_logprobs[cut],
         )
 
 
@@ -232,10 +238,18 @@ class Retokenizer:
         topk_logprobs: np.ndarray,
         tail_logprob: np.ndarray,
         token_logprob: np.ndarray,
+        score_ids: np.ndarray | None = None,
+        score_logprobs: np.ndarray | None = None,
     ) -> AlignedExample:
         """The aligned example of ``row``, the teacher's values per teacher completion
-        position laid out on the student's positions (see the module doc)."""
+        position laid out on the student's positions (see the module doc). ``score_ids``
+        [C_student, s] and ``score_logprobs`` [C_teacher, s]: an on-policy sample's own ids
+        per student position (-1 none) and the teacher's log-probs there per teacher
+        position, kept at 1:1 chunks (where one position on each side is the same text)."""
         n, k = len(row.student_ids), topk_ids.shape[1]
+        s = 0 if score_ids is None else score_ids.shape[1]
+        student_scored = np.full((n, s), -1, dtype=np.int64)
+        scored = np.zeros((n, s), dtype=np.float32)
         mapped = np.full((n, k), -1, dtype=np.int64)
         logprobs = np.zeros((n, k), dtype=np.float32)
         tail = np.zeros(n, dtype=np.float32)
@@ -261,6 +275,9 @@ class Retokenizer:
             rest[j] = token_logprob[i + 1 : i_end].sum()
             first[j] = True
             aligned[j:j_end] = True
+            if s and i_end - i == 1 and j_end - j == 1:
+                student_scored[j] = score_ids[j]
+                scored[j] = score_logprobs[i]
         ends = np.minimum(self.student_bytes.ends(row.student_ids), row.text_bytes)
         return AlignedExample(
             key,
@@ -275,6 +292,8 @@ class Retokenizer:
             rest,
             row.text_bytes,
             ends,
+            student_scored,
+            scored,
         )
 
 
@@ -336,6 +355,8 @@ class AlignedBatch(Batch):
     teacher_logprob: torch.Tensor | None = None
     teacher_rest: torch.Tensor | None = None
     completion_bytes: int = 0
+    score_ids: torch.Tensor | None = None
+    score_logprobs: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AlignedBatch:
         moved = {
@@ -361,6 +382,8 @@ def collate_aligned(examples: list[AlignedExample], pad_id: int) -> AlignedBatch
         teacher_logprob=cat("teacher_logprob", torch.float32),
         teacher_rest=cat("teacher_rest", torch.float32),
         completion_bytes=sum(e.completion_bytes for e in examples),
+        score_ids=cat("score_ids", torch.long),
+        score_logprobs=cat("score_logprobs", torch.float32),
     )
 
 

@@ -98,8 +98,9 @@ class TrainConfig(BaseModel):
         8,
         ge=0,
         description="The student's own top-N ids per position whose exact teacher log-probs "
-        "are asked (score_ids); the loss runs on their union with the teacher's top-k. "
-        "Not asked across tokenizers (--cross-tokenizer).",
+        "are asked (score_ids); the loss runs on their union with the teacher's top-k. Across "
+        "tokenizers: those with a teacher token of identical bytes, where a position is the "
+        "same text on both sides.",
     )
     teacher_k: int | None = Field(
         None, ge=1, description="Teacher top-k on on-policy steps (default: the server's)."
@@ -213,11 +214,6 @@ class TrainConfig(BaseModel):
                 )
         if self.cross_tokenizer and self.packing:
             raise ValueError("cross_tokenizer batches are padded; drop packing")
-        if self.cross_tokenizer and self.score_top > 0 and "score_top" in self.model_fields_set:
-            raise ValueError(
-                "score_top: across tokenizers the teacher is asked for its top-k only (the "
-                "chunk loss has no support for the student's own ids); drop --score-top"
-            )
         return self
 
     def to_json(self) -> str:

@@ -117,6 +117,17 @@ def load_cross_prompts(
     return kept
 
 
+@dataclass
+class _Sample:
+    """One sample before it is scored: both tokenizations and their chunks, the student's
+    own ids to ask about per student position ([C, s], -1 none) and, per teacher position,
+    the teacher ids asked for them."""
+
+    alignment: RowAlignment
+    student_score_ids: np.ndarray
+    teacher_score_ids: list[list[int]]
+
+
 class CrossOnPolicy(OnPolicy):
     """Makes on-policy batches for one rank of a student with another tokenizer."""
 
@@ -134,6 +145,8 @@ class CrossOnPolicy(OnPolicy):
         self.teacher_prompts = [p.teacher for p in prompts]
         self.retokenizer = retokenizer
         self.teacher_hash = tokenizer_hash(retokenizer.teacher)
+        inverse = retokenizer.vocab_map.student_to_teacher()[:vocab_size]
+        self.inverse = np.pad(inverse, (0, vocab_size - len(inverse)), constant_values=-1)
         table = retokenizer.vocab_map.teacher_to_student
         self.one_vocabulary = len(table) == vocab_size and bool(
             (table == np.arange(len(table))).all()
@@ -143,19 +156,22 @@ class CrossOnPolicy(OnPolicy):
         """Micro-batch ``micro`` of step ``step``: sampled, scored as text, aligned."""
         chosen = self.draw(step, micro)
         start = time.perf_counter()
-        completions, _ = self.sample(model, [self.prompts[i] for i in chosen])
+        completions, tops = self.sample(model, [self.prompts[i] for i in chosen])
         sampled = time.perf_counter()
-        teacher_ids = [
-            c if self.one_vocabulary else self.retokenizer.to_teacher(c) for c in completions
-        ]
+        samples = [self._sample(c, top) for c, top in zip(completions, tops, strict=True)]
         pairs, sent = [], []
-        for row, (index, ids) in enumerate(zip(chosen, teacher_ids, strict=True)):
-            if len(ids) == 0:
+        for row, (index, sample) in enumerate(zip(chosen, samples, strict=True)):
+            if len(sample.alignment.teacher_ids) == 0:
                 continue
             meta = {"step": step, "seed": self.config.seed, "micro": micro, "row": row}
-            pairs.append(
-                {**self.teacher_prompts[index], "completion_ids": ids.tolist(), "meta": meta}
-            )
+            pair = {
+                **self.teacher_prompts[index],
+                "completion_ids": sample.alignment.teacher_ids.tolist(),
+                "meta": meta,
+            }
+            if self.config.score_top:
+                pair["score_ids"] = sample.teacher_score_ids
+            pairs.append(pair)
             sent.append(row)
         scored, call = [], ScoreCall()
         if pairs:
@@ -164,25 +180,58 @@ class CrossOnPolicy(OnPolicy):
         self.cost.add(call, sampled - start, time.perf_counter() - sampled)
         answers = dict(zip(sent, scored, strict=True))
         k = call.info.k if call.info is not None else 1
+        with_scores = bool(self.config.score_top) and all(
+            a.score_logprobs is not None for a in scored
+        )
         examples = [
-            self._example(self.prompts[index], completion, ids, answers.get(row), k)
-            for row, (index, completion, ids) in enumerate(
-                zip(chosen, completions, teacher_ids, strict=True)
-            )
+            self._example(self.prompts[index], sample, answers.get(row), k, with_scores)
+            for row, (index, sample) in enumerate(zip(chosen, samples, strict=True))
         ]
         return collate_aligned(examples, self.tokenizer.pad_token_id)
 
-    def _example(self, prompt, completion, teacher_ids, answer, k: int) -> AlignedExample:
+    def _sample(self, completion: np.ndarray, top: np.ndarray) -> _Sample:
+        """A sample's teacher ids, its alignment, and the score_ids to ask: at each 1:1
+        chunk, the student's own top ids there that have a teacher id of identical bytes
+        (asked in the teacher's ids; none at other positions)."""
         retok = self.retokenizer
+        teacher_ids = completion if self.one_vocabulary else retok.to_teacher(completion)
         stops = len(teacher_ids) > 0 and int(teacher_ids[-1]) == retok.teacher_eos
         text_bytes = len(retok.teacher_bytes.text_bytes(teacher_ids[: len(teacher_ids) - stops]))
+        alignment = retok.pair(teacher_ids, completion, text_bytes)
+        student_ids = np.full(top.shape, -1, dtype=np.int64)
+        asked: list[list[int]] = [[] for _ in teacher_ids]
+        for i, i_end, j, j_end in alignment.chunks:
+            if i_end - i == 1 and j_end - j == 1:
+                kept = top[j][self.inverse[top[j]] >= 0]
+                student_ids[j, : len(kept)] = kept
+                asked[i] = self.inverse[kept].tolist()
+        return _Sample(alignment, student_ids, asked)
+
+    def _example(
+        self, prompt: np.ndarray, sample: _Sample, answer, k: int, with_scores: bool
+    ) -> AlignedExample:
+        row, retok = sample.alignment, self.retokenizer
+        s = sample.student_score_ids.shape[1] if with_scores else 0
+        n_teacher = len(row.teacher_ids)
+        scores = np.full((n_teacher, s), -np.inf, dtype=np.float32)
         if answer is None:  # nothing was scored: no chunk
-            row = RowAlignment(teacher_ids, completion, np.zeros((0, 4), np.int64), text_bytes)
-            empty = np.zeros((0, k))
+            row = RowAlignment(row.teacher_ids, row.student_ids, row.chunks[:0], row.text_bytes)
+            topk = np.zeros((n_teacher, k), dtype=np.int64)
+            values = np.zeros(n_teacher, dtype=np.float32)
             return retok.layout(
-                "", prompt, row, empty.astype(np.int64), empty, empty[:, 0], empty[:, 0]
+                "",
+                prompt,
+                row,
+                topk,
+                topk.astype(np.float32),
+                values,
+                values,
+                sample.student_score_ids[:, :s],
+                scores,
             )
-        row = retok.pair(teacher_ids, completion, text_bytes)
+        if s:
+            width = min(s, answer.score_logprobs.shape[1])
+            scores[:, :width] = answer.score_logprobs[:, :width]
         return retok.layout(
             answer.key,
             prompt,
@@ -191,6 +240,8 @@ class CrossOnPolicy(OnPolicy):
             answer.topk_logprobs,
             answer.tail_logprob,
             answer.token_logprob,
+            sample.student_score_ids[:, :s],
+            scores,
         )
 
     def _check(self, call: ScoreCall) -> None:

@@ -9,6 +9,9 @@ What this file decides, and why:
   names: it is up and will answer. A teacher that cannot be reached (connection
   refused, reset, 5xx) is retried ``max_retries`` times with doubling backoff, then the
   run stops with one line naming the URL: resuming later is exact.
+- ``score_logprobs`` come back as [positions, s]; a request that asked fewer ids at some
+  positions (cross-tokenizer steps ask only where a position is the same text on both
+  sides) gets them padded with -inf.
 - ``score_ids`` a backend cannot answer (vLLM: 400 naming score_ids) switch the client to
   the teacher's top-k only, with one warning for the whole run; the union loss then has
   the student's ids with no teacher value, which ``union_teacher_log_probs`` reads from
@@ -168,11 +171,18 @@ def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
                 topk_ids=batch.topk_ids[scored].astype(np.int64),
                 topk_logprobs=batch.topk_logprobs[scored].astype(np.float32),
                 tail_logprob=batch.tail_logprob[scored],
-                score_logprobs=None
-                if scores is None
-                else np.asarray(scores, dtype=np.float32)[skip:],
+                score_logprobs=None if scores is None else _padded(scores)[skip:],
                 cached=bool(row["cached"]),
                 token_logprob=batch.token_logprob[scored].astype(np.float32),
             )
         )
     return out, call
+
+
+def _padded(rows: list[list[float]]) -> np.ndarray:
+    """Per-position score log-probs as [C, s]: lists of different lengths (a request may
+    ask a different number of ids per position) padded with -inf to the longest."""
+    out = np.full((len(rows), max(map(len, rows), default=0)), -np.inf, dtype=np.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
