@@ -1,9 +1,11 @@
-"""Cross-tokenizer on-policy steps: their time against same-tokenizer on-policy steps.
+"""Cross-tokenizer on-policy steps: their time, and what they teach, against same-tokenizer ones.
 
 A tiny teacher (``shared/tiny_models.py``, Qwen2 shape, 64 wide) on SmolLM2's real
-tokenizer is served for real (``distill serve``, transformers backend); its shards of the
-synthetic task give the prompts. Then, one after the other in this process, the same
-number of on-policy steps (L = 1, reverse KL, score_ids 8) of:
+tokenizer, fitted to the synthetic task (60 AdamW steps), is served for real (``distill
+serve``, transformers backend); its shards of the task give the prompts.
+
+Part 1, time. One after the other in this process, the same number of on-policy steps
+(L = 1, reverse KL, score_ids 8) of:
 
 1. a student on SmolLM2's tokenizer, same-tokenizer on-policy: the baseline;
 2. the same student with ``--cross-tokenizer`` (one tokenizer on both sides: the same
@@ -16,7 +18,14 @@ for the teacher, the HTTP call, the alignment) and train; steps after the first 
 are averaged. Printed: each phase and the whole step, and each run's step against the
 baseline's.
 
-    OMP_NUM_THREADS=1 python bench/onpolicy_cross.py --steps 8
+Part 2, learning (``--learning-steps N``, 0 skips it): students trained N on-policy steps
+(L = 1, lr 1e-2), same tokenizer against ``--cross-tokenizer``, with and without
+score_ids, reverse and forward KL; each measured before and after by the sequence-level
+reverse KL(student || teacher) on its own samples of 24 held-out prompts
+(``tests/sequence_kl.py``: float64, both models' full forward passes, no service). The
+baseline is each student's own start.
+
+    OMP_NUM_THREADS=1 python bench/onpolicy_cross.py --steps 8 --learning-steps 60
 """
 
 from __future__ import annotations
@@ -29,11 +38,33 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.shared.model_source import real_tokenizer
-from distillcache.shared.tiny_models import build_tiny_model, synthetic_task_rows
+from distillcache.shared.tiny_models import (
+    build_tiny_model,
+    chat_texts,
+    synthetic_task_rows,
+    train_tiny_model,
+)
 from distillcache.trainer.config import TrainConfig
 from distillcache.trainer.loop import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from sequence_kl import sequence_reverse_kl  # noqa: E402
+
+# Part 2's runs: (student, --cross-tokenizer, loss, score_top).
+LEARNING_RUNS = (
+    ("smol", False, "reverse_kl", 8),
+    ("smol", True, "reverse_kl", 0),
+    ("smol", True, "reverse_kl", 8),
+    ("gpt2", True, "reverse_kl", 0),
+    ("gpt2", True, "reverse_kl", 8),
+    ("gpt2", True, "forward_kl", 0),
+    ("gpt2", True, "forward_kl", 8),
+)
 
 
 def write_shards(url: str, data: Path, rows: list[dict], new_tokens: int) -> Path:
@@ -68,6 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--learning-steps", type=int, default=60, help="Part 2 (0: skip).")
     parser.add_argument("--cache-dir", default=".cache", help="Where real tokenizers are built.")
     args = parser.parse_args()
     cache = Path(args.cache_dir)
@@ -75,6 +107,8 @@ def main() -> None:
         root = Path(tmp)
         smol, gpt2 = real_tokenizer("smollm2", cache), real_tokenizer("gpt2", cache)
         teacher = build_tiny_model(root / "teacher", smol, hidden_size=64, num_heads=2, seed=7)
+        task = list(synthetic_task_rows(200, seed=2))
+        train_tiny_model(teacher, chat_texts(task, AutoTokenizer.from_pretrained(teacher)), 60)
         students = {
             "smol": build_tiny_model(root / "smol", smol, hidden_size=64, num_heads=2, seed=5),
             "gpt2": build_tiny_model(root / "gpt2", gpt2, hidden_size=64, num_heads=2, seed=5),
@@ -91,7 +125,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, timeout=600, process=server)
-            shards = write_shards(url, data, synthetic_task_rows(32, seed=1), args.new_tokens)
+            shards = write_shards(url, data, task[:40], args.new_tokens)
             common = dict(
                 data=str(shards),
                 loss="reverse_kl",
@@ -127,6 +161,17 @@ def main() -> None:
                     **common,
                 ),
             }
+            learned = {}
+            questions = [r["question"] for r in synthetic_task_rows(24, seed=99)]
+            for student, cross, loss, score_top in LEARNING_RUNS if args.learning_steps else ():
+                out = root / f"learn-{student}-{cross}-{loss}-{score_top}"
+                settings = {**common, "max_steps": args.learning_steps, "lr": 1e-2, "loss": loss}
+                settings.update(cross_tokenizer=cross, score_top=score_top)
+                train(TrainConfig(output_dir=str(out), student=str(students[student]), **settings))
+                before = sequence_reverse_kl(students[student], teacher, questions)
+                after = sequence_reverse_kl(out, teacher, questions)
+                learned[student, cross, loss, score_top] = (before, after)
+                print(json.dumps({out.name: [before, after]}), flush=True)
         finally:
             server.terminate()
             server.wait()
@@ -140,6 +185,15 @@ def main() -> None:
             f"| {name} | {t['step']:.3f} | {t['sample']:.3f} | {t['score']:.3f} | "
             f"{t['train']:.3f} | {t['step'] / base:.2f} |"
         )
+    if learned:
+        print(f"\n{args.learning_steps} on-policy steps, lr 1e-2: sequence-level reverse KL (nats)")
+        print("| student | --cross-tokenizer | loss | score_top | start | end | end / start |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+        for (student, cross, loss, score_top), (before, after) in learned.items():
+            print(
+                f"| {student} | {'yes' if cross else 'no'} | {loss} | {score_top} | "
+                f"{before:.2f} | {after:.2f} | {after / before:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ prompts drawn from (seed, step), same sampler and saved RNG state), then:
   takes their mass out of the teacher's tail (``cross_tokenizer``), as
   ``union_head_loss`` does for one tokenizer. Without them an on-policy reverse KL on
   the teacher's top-k plus one bucket lets the student pile its mass on tokens the teacher
-  never ranks (the bucket hides them): measured on SmolLM2's tokenizer on both sides, 30
-  steps took the sequence-level reverse KL to the teacher from 12.0 to 71.8 nats without
-  score_ids and to 7.5 with them, as same-tokenizer GKD does (docs/trainer.md).
+  never ranks (the bucket hides them): with SmolLM2's tokenizer on both sides, 60 steps
+  took the sequence-level reverse KL to the teacher from 12.0 to 32.7 nats without
+  score_ids and to 8.9 with them (bench/onpolicy_cross.py; docs/trainer.md has the
+  figures, and those of a real pair, where the picture is less simple).
 - **The batch** is an ``aligned_data.AlignedBatch`` laid out by ``Retokenizer.layout``,
   the same alignment as a cached row's, so ``DistillStudent`` trains it with the one
   cross-tokenizer loss (``cross_tokenizer.cross_head_loss``). A sample with no text the
@@ -152,7 +153,9 @@ class CrossOnPolicy(OnPolicy):
         self.retokenizer = retokenizer
         self.teacher_hash = tokenizer_hash(retokenizer.teacher)
         inverse = retokenizer.vocab_map.student_to_teacher()[:vocab_size]
-        self.inverse = np.pad(inverse, (0, vocab_size - len(inverse)), constant_values=-1)
+        self.student_to_teacher = np.pad(
+            inverse, (0, vocab_size - len(inverse)), constant_values=-1
+        )
         table = retokenizer.vocab_map.teacher_to_student
         self.one_vocabulary = len(table) == vocab_size and bool(
             (table == np.arange(len(table))).all()
@@ -208,9 +211,9 @@ class CrossOnPolicy(OnPolicy):
         asked: list[list[int]] = [[] for _ in teacher_ids]
         for i, i_end, j, j_end in alignment.chunks:
             if i_end - i == 1 and j_end - j == 1:
-                kept = top[j][self.inverse[top[j]] >= 0]
+                kept = top[j][self.student_to_teacher[top[j]] >= 0]
                 student_ids[j, : len(kept)] = kept
-                asked[i] = self.inverse[kept].tolist()
+                asked[i] = self.student_to_teacher[kept].tolist()
         return _Sample(alignment, student_ids, asked)
 
     def _example(
