@@ -297,3 +297,14 @@ def test_cross_tokenizer_on_policy_run_resumes_exactly(world, tmp_path):
     assert max_weight_difference(straight, resumed) <= 1e-6
     scored = [r["onpolicy/teacher_tokens"] for r in metrics(straight) if "train/loss" in r]
     assert 0 < sum(t > 0 for t in scored) < 4, "0.5 draws both kinds of step"
+
+
+def test_a_served_teacher_of_another_tokenizer_is_refused_in_one_line(world, tmp_path):
+    """The run aligns with the dataset's teacher tokenizer; a server whose answers carry
+    another tokenizer's hash (here a model on GPT-2's) stops it at the first answer."""
+    settings = TeacherSettings(
+        model=str(world["gpt2_student"]), data_root=tmp_path / "served", max_k=64, default_k=8
+    )
+    with thread_server(settings) as url:
+        with pytest.raises(ValueError, match=r"^the teacher at .* uses the tokenizer .*--teacher-"):
+            train(config(world, tmp_path / "run", teacher_url=url, max_steps=1))
