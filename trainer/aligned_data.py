@@ -62,7 +62,9 @@ class AlignedExample(Example):
     ``tail_logprob``, ``teacher_logprob`` and ``teacher_rest``, are meaningful where
     ``chunk_first``; ``aligned`` marks positions inside a complete chunk.
     ``completion_bytes`` is the UTF-8 length of the completion's text (without special
-    tokens), the denominator of bits per byte.
+    tokens), the denominator of bits per byte. ``score_ids`` [C, s] (student ids, -1 none)
+    and ``score_logprobs`` [C, s]: the teacher's exact log-probs at the student's own ids,
+    at 1:1 chunks of on-policy samples (s = 0 for cached rows).
     """
 
     chunk_first: np.ndarray | None = None
@@ -71,6 +73,8 @@ class AlignedExample(Example):
     teacher_rest: np.ndarray | None = None
     completion_bytes: int = 0
     byte_ends: np.ndarray | None = None
+    score_ids: np.ndarray | None = None
+    score_logprobs: np.ndarray | None = None
 
     def truncated(self, max_length: int) -> AlignedExample | None:
         """Cut the completion as ``Example.truncated`` does; a chunk cut in two loses its
@@ -101,6 +105,8 @@ class AlignedExample(Example):
             self.teacher_rest[cut],
             int(self.byte_ends[room - 1]),
             self.byte_ends[cut],
+            self.score_ids[cut],
+            self.score_logprobs[cut],
         )
 
 
@@ -115,7 +121,12 @@ class RowAlignment:
 
 
 class Retokenizer:
-    """Teacher ids to student ids through text, keeping byte offsets on both sides."""
+    """Ids of one tokenizer to the other's through text, keeping byte offsets on both sides.
+
+    Shards go teacher to student (``completion``, ``example``); on-policy samples go
+    student to teacher (``to_teacher``), and ``pair`` / ``layout`` align a completion
+    whose two tokenizations are both given.
+    """
 
     def __init__(
         self,
@@ -148,14 +159,56 @@ class Retokenizer:
         student = np.asarray(self.student.encode(text, add_special_tokens=False), dtype=np.int64)
         if self.student_bytes.text_bytes(student) != text.encode():
             return None
-        chunks = align_chunks(self.teacher_bytes.ends(body), self.student_bytes.ends(student))
-        complete = len(chunks) and chunks[-1, 1] == len(body) and chunks[-1, 3] == len(student)
         if ends_with_eos and self.student_eos is not None:
-            if complete or len(body) == 0:
-                eos_chunk = [[len(body), len(body) + 1, len(student), len(student) + 1]]
-                chunks = np.concatenate([chunks.reshape(-1, 4), eos_chunk]).astype(np.int64)
             student = np.append(student, self.student_eos)
-        return RowAlignment(teacher_ids, student, chunks, len(text.encode()))
+        return self.pair(teacher_ids, student, len(text.encode()))
+
+    def to_teacher(self, student_ids: np.ndarray) -> np.ndarray:
+        """The teacher's ids for a completion the student sampled: its text encoded with
+        the teacher's tokenizer, closed with the teacher's eos when the student stopped.
+
+        The text is the longest valid UTF-8 prefix of the student's bytes (a sampled byte
+        token can leave a character unfinished); a cut text gets no eos, as the student
+        did not stop there. Empty when nothing of the text can be spelled back by the
+        teacher's tokens; then no position can be aligned.
+        """
+        student_ids = np.asarray(student_ids, dtype=np.int64)
+        stopped = len(student_ids) > 0 and int(student_ids[-1]) == self.student_eos
+        raw = self.student_bytes.text_bytes(student_ids[:-1] if stopped else student_ids)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            text, stopped = raw[: error.start].decode("utf-8"), False
+        teacher = np.asarray(self.teacher.encode(text, add_special_tokens=False), dtype=np.int64)
+        if self.teacher_bytes.text_bytes(teacher) != text.encode():
+            return np.zeros(0, dtype=np.int64)
+        if stopped and self.teacher_eos is not None:
+            teacher = np.append(teacher, self.teacher_eos)
+        return teacher
+
+    def pair(
+        self, teacher_ids: np.ndarray, student_ids: np.ndarray, text_bytes: int
+    ) -> RowAlignment:
+        """The chunks of two tokenizations of one completion (each maybe closed by its
+        eos; the two eos tokens are a chunk of their own when both sides stop right after
+        the same text). ``text_bytes``: the UTF-8 length of the text both spell."""
+        teacher_ids = np.asarray(teacher_ids, dtype=np.int64)
+        student_ids = np.asarray(student_ids, dtype=np.int64)
+        teacher_stops = len(teacher_ids) > 0 and int(teacher_ids[-1]) == self.teacher_eos
+        student_stops = (
+            self.student_eos is not None
+            and len(student_ids) > 0
+            and int(student_ids[-1]) == self.student_eos
+        )
+        n = len(teacher_ids) - teacher_stops
+        m = len(student_ids) - student_stops
+        chunks = align_chunks(
+            self.teacher_bytes.ends(teacher_ids[:n]), self.student_bytes.ends(student_ids[:m])
+        )
+        complete = len(chunks) and chunks[-1, 1] == n and chunks[-1, 3] == m
+        if teacher_stops and student_stops and (complete or n == m == 0):
+            chunks = np.concatenate([chunks.reshape(-1, 4), [[n, n + 1, m, m + 1]]])
+        return RowAlignment(teacher_ids, student_ids, chunks.astype(np.int64), text_bytes)
 
     def example(
         self,
@@ -172,7 +225,31 @@ class Retokenizer:
         row = self.completion(completion_ids)
         if row is None or len(row.student_ids) == 0:
             return None
+        return self.layout(
+            key, self.prompt(prompt_ids), row, topk_ids, topk_logprobs, tail_logprob, token_logprob
+        )
+
+    def layout(
+        self,
+        key: str,
+        student_prompt: np.ndarray,
+        row: RowAlignment,
+        topk_ids: np.ndarray,
+        topk_logprobs: np.ndarray,
+        tail_logprob: np.ndarray,
+        token_logprob: np.ndarray,
+        score_ids: np.ndarray | None = None,
+        score_logprobs: np.ndarray | None = None,
+    ) -> AlignedExample:
+        """The aligned example of ``row``, the teacher's values per teacher completion
+        position laid out on the student's positions (see the module doc). ``score_ids``
+        [C_student, s] and ``score_logprobs`` [C_teacher, s]: an on-policy sample's own ids
+        per student position (-1 none) and the teacher's log-probs there per teacher
+        position, kept at 1:1 chunks (where one position on each side is the same text)."""
         n, k = len(row.student_ids), topk_ids.shape[1]
+        s = 0 if score_ids is None else score_ids.shape[1]
+        student_scored = np.full((n, s), -1, dtype=np.int64)
+        scored = np.zeros((n, s), dtype=np.float32)
         mapped = np.full((n, k), -1, dtype=np.int64)
         logprobs = np.zeros((n, k), dtype=np.float32)
         tail = np.zeros(n, dtype=np.float32)
@@ -198,10 +275,13 @@ class Retokenizer:
             rest[j] = token_logprob[i + 1 : i_end].sum()
             first[j] = True
             aligned[j:j_end] = True
+            if s and i_end - i == 1 and j_end - j == 1:
+                student_scored[j] = score_ids[j]
+                scored[j] = score_logprobs[i]
         ends = np.minimum(self.student_bytes.ends(row.student_ids), row.text_bytes)
         return AlignedExample(
             key,
-            self.prompt(prompt_ids),
+            np.asarray(student_prompt, dtype=np.int32),
             row.student_ids.astype(np.int32),
             mapped,
             logprobs,
@@ -212,6 +292,8 @@ class Retokenizer:
             rest,
             row.text_bytes,
             ends,
+            student_scored,
+            scored,
         )
 
 
@@ -279,6 +361,8 @@ class AlignedBatch(Batch):
     teacher_logprob: torch.Tensor | None = None
     teacher_rest: torch.Tensor | None = None
     completion_bytes: int = 0
+    score_ids: torch.Tensor | None = None
+    score_logprobs: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AlignedBatch:
         moved = {
@@ -304,6 +388,8 @@ def collate_aligned(examples: list[AlignedExample], pad_id: int) -> AlignedBatch
         teacher_logprob=cat("teacher_logprob", torch.float32),
         teacher_rest=cat("teacher_rest", torch.float32),
         completion_bytes=sum(e.completion_bytes for e in examples),
+        score_ids=cat("score_ids", torch.long),
+        score_logprobs=cat("score_logprobs", torch.float32),
     )
 
 

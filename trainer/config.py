@@ -98,7 +98,9 @@ class TrainConfig(BaseModel):
         8,
         ge=0,
         description="The student's own top-N ids per position whose exact teacher log-probs "
-        "are asked (score_ids); the loss runs on their union with the teacher's top-k.",
+        "are asked (score_ids); the loss runs on their union with the teacher's top-k. Across "
+        "tokenizers: those with a teacher token of identical bytes, where a position is the "
+        "same text on both sides.",
     )
     teacher_k: int | None = Field(
         None, ge=1, description="Teacher top-k on on-policy steps (default: the server's)."
@@ -114,7 +116,9 @@ class TrainConfig(BaseModel):
         description="Distil across tokenizers: the cached completions are retokenized for the "
         "student and compared chunk by chunk (spans both tokenizers cut at); matched "
         "vocabulary through --loss, the rest by sorted-probability L1 (ULD). With --loss sft: "
-        "SFT on the retokenized teacher text. Padded batches only (no --packing).",
+        "SFT on the retokenized teacher text. On-policy steps send the student's sampled text "
+        "to the teacher in the teacher's tokenization and align it the same way. Padded "
+        "batches only (no --packing).",
     )
     alm_weight: float = Field(
         0.0,
@@ -210,8 +214,6 @@ class TrainConfig(BaseModel):
                 )
         if self.cross_tokenizer and self.packing:
             raise ValueError("cross_tokenizer batches are padded; drop packing")
-        if self.cross_tokenizer and self.on_policy_fraction > 0:
-            raise ValueError("on-policy steps do not run across tokenizers yet")
         return self
 
     def to_json(self) -> str:

@@ -27,6 +27,11 @@ summed log-probs of its observed tokens after the chunk's first one:
   probability of the chunk's text) and Bernoulli(the student's), ALM's binarised
   f-divergence on chunk likelihoods.
 - hard labels: ``alpha`` times the student's CE on its own tokens of the text.
+- on-policy ``score_ids`` (``onpolicy_cross``): at a 1:1 chunk, the student's own top ids
+  that have a teacher counterpart come with the teacher's exact log-probs; they join the
+  matched outcomes (an id already among the matched top-k is not counted twice) and
+  their mass leaves the teacher's tail, as ``union_head_loss`` does for one tokenizer.
+  The unmatched part still compares the teacher's top-k only.
 
 The training loss is ``(1 - alpha)(T^2 w D + (1 - w) L1) + alm_weight * ALM`` per chunk
 plus ``alpha`` CE per student token, summed, normalized by the loop per student token.
@@ -46,11 +51,18 @@ first rows' buffers, in blocks of ``_PICK_ROWS`` rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .losses import divergence, student_log_probs, teacher_log_probs, zipf_tail_entropy
+from .losses import (
+    TAIL_FLOOR,
+    divergence,
+    student_log_probs,
+    teacher_log_probs,
+    zipf_tail_entropy,
+)
 from .sparse_kd import ChunkedHead, LossSpec
 from .token_alignment import VocabMap
 
@@ -123,6 +135,10 @@ class ChunkTargets:
     tail: torch.Tensor  # [M]
     observed: torch.Tensor  # [M] teacher log-prob of its observed first token
     rest: torch.Tensor  # [M] L_T
+    # On-policy only: [M, s] student ids the teacher rated exactly (-1 none), and its
+    # raw log-probs there; None: s = 0.
+    score_ids: torch.Tensor | None = None
+    score_teacher: torch.Tensor | None = None
 
 
 def cross_head_chunk(
@@ -140,8 +156,16 @@ def cross_head_chunk(
     t = targets
     vocab = logits.shape[1]
     n_chunks, k = t.ids.shape
-    matched = t.ids >= 0
-    safe_ids = t.ids.clamp(min=0)
+    score_ids, score_teacher = t.score_ids, t.score_teacher
+    if score_ids is None:
+        score_ids, score_teacher = t.ids[:, :0], t.teacher[:, :0]
+    # score_ids join the top-k as more columns; one already matched in its row is dropped.
+    repeat = (score_ids.unsqueeze(2) == t.ids.unsqueeze(1)).any(-1)
+    extra = (score_ids >= 0) & ~repeat
+    columns = torch.cat([t.ids, torch.where(extra, score_ids, -1)], dim=1)
+    teacher_lp = torch.cat([t.teacher, torch.where(extra, score_teacher, -torch.inf)], dim=1)
+    matched = columns >= 0
+    safe_ids = columns.clamp(min=0)
     label_logits = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
     top_logits = logits[t.first].gather(1, safe_ids)
     peak = logits.amax(dim=-1, keepdim=True)
@@ -155,8 +179,8 @@ def cross_head_chunk(
     total = row_sum.index_add(0, t.first, top_exp.sum(dim=-1))
     rest = row_sum[t.first].clamp_min(torch.finfo(torch.float32).tiny)
 
-    weight_t = torch.where(matched, t.teacher.exp(), torch.zeros_like(t.teacher))
-    w = weight_t.sum(-1) / t.teacher.exp().sum(-1).clamp_min(1e-30)
+    weight_t = torch.where(matched, teacher_lp.exp(), torch.zeros_like(teacher_lp))
+    w = weight_t.sum(-1) / teacher_lp.exp().sum(-1).clamp_min(1e-30)
     needs_picks = w < 1.0 if not sft else torch.zeros_like(w, dtype=torch.bool)
     picks = torch.zeros((n_chunks, k), dtype=torch.long, device=logits.device)
     pick_exp = torch.zeros((n_chunks, k), dtype=logits.dtype, device=logits.device)
@@ -189,20 +213,30 @@ def cross_head_chunk(
             cont_t = t.rest
             lse_first = lse[t.first]
             s_matched = torch.where(matched, z_top - lse_first.unsqueeze(1), ABSENT)
-            t_matched = torch.where(matched, t.teacher, ABSENT)
+            t_matched = torch.where(matched, teacher_lp, ABSENT)
             tail_mode = base.tail_for(k)
+            tail = t.tail
+            if extra.any():
+                # The tail held the score_ids' mass; what stays is floored as a tail is.
+                taken = torch.where(extra, score_teacher, -torch.inf).logsumexp(-1)
+                left = t.tail.exp() - taken.exp()
+                tail = torch.where(
+                    taken > -torch.inf, left.clamp_min(math.exp(TAIL_FLOOR)).log(), t.tail
+                )
             if tail_mode == "bucket":
                 s_bucket = _bucket(lse_rest - lse_first, torch.logsumexp(s_matched, -1), cont_s)
-                t_unmatched = torch.where(matched, -torch.inf, t.teacher)
-                t_rest = torch.logaddexp(torch.logsumexp(t_unmatched, -1), t.tail.clamp(min=-1e30))
+                t_unmatched = torch.where(matched, -torch.inf, teacher_lp)
+                t_rest = torch.logaddexp(torch.logsumexp(t_unmatched, -1), tail.clamp(min=-1e30))
                 t_bucket = _bucket(t_rest, torch.logsumexp(t_matched, -1), cont_t)
             else:
                 s_bucket = t_bucket = None
             # At T != 1 the bucket is softened as sparse_kd softens its tail: as a Zipf tail
-            # continuing the teacher's top-k at the chunk's first position.
+            # continuing the teacher's top-k at the chunk's first position (over the ranks
+            # the score_ids do not take, as union_head_loss does).
             spread = None
             if tail_mode == "bucket" and base.temperature != 1.0:
-                spread = zipf_tail_entropy(t.teacher, t.tail, base.vocab_size, base.temperature)
+                ranks = base.vocab_size - score_ids.shape[1]
+                spread = zipf_tail_entropy(t.teacher, tail, ranks, base.temperature)
             student = student_log_probs(
                 s_matched + cont_s.unsqueeze(1), s_bucket, base.temperature, tail_mode, spread
             )
@@ -215,7 +249,7 @@ def cross_head_chunk(
                 student = torch.where(has.unsqueeze(1), student, 0.0)
                 teacher = torch.where(has.unsqueeze(1), teacher, 0.0)
             matched_div = divergence(base.loss, teacher, student, base.beta)
-            q_unmatched = torch.where(matched, 0.0, (t.teacher + cont_t.unsqueeze(1)).exp())
+            q_unmatched = torch.where(matched[:, :k], 0.0, (t.teacher + cont_t.unsqueeze(1)).exp())
             q_sorted = q_unmatched.sort(dim=-1, descending=True).values
             p_unmatched = (z_pick - lse_first.unsqueeze(1) + cont_s.unsqueeze(1)).exp()
             p_unmatched = torch.where(needs_picks.unsqueeze(1), p_unmatched, 0.0)
@@ -275,6 +309,8 @@ def _targets(batch_slice: dict[str, torch.Tensor]) -> ChunkTargets:
         tail=batch_slice["tail_logprob"][first].float(),
         observed=batch_slice["teacher_logprob"][first].float(),
         rest=batch_slice["teacher_rest"][first].float(),
+        score_ids=batch_slice["score_ids"][first],
+        score_teacher=batch_slice["score_logprobs"][first].float(),
     )
 
 
@@ -286,6 +322,8 @@ ALIGNMENT_FIELDS = (
     "tail_logprob",
     "teacher_logprob",
     "teacher_rest",
+    "score_ids",
+    "score_logprobs",
 )
 
 

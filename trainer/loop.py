@@ -40,6 +40,7 @@ from .distributed import DistEnv, all_reduce_sum, init_distributed, is_fsdp, shu
 from .evaluate import evaluate
 from .metrics import MetricsLog
 from .onpolicy import OnPolicy, load_prompts
+from .onpolicy_cross import open_cross_onpolicy
 from .sparse_kd import LossSpec
 from .stream import DataPosition, iter_examples, iter_held_out
 from .student import DistillStudent, load_student, load_tokenizer
@@ -318,6 +319,8 @@ def _open_onpolicy(config: TrainConfig, tokenizer, data: RunData, vocab_size: in
     """The on-policy step maker when on_policy_fraction > 0 (else None)."""
     if config.on_policy_fraction <= 0:
         return None
+    if config.cross_tokenizer:
+        return open_cross_onpolicy(config, tokenizer, data, vocab_size, env.rank)
     prompts = load_prompts(config, tokenizer, data.source, data.train_units)
     return OnPolicy(config, tokenizer, prompts, vocab_size, env.rank)
 

@@ -170,15 +170,19 @@ class OnPolicy:
             return True
         return bool(np.random.default_rng([self.config.seed, step, 0]).random() < fraction)
 
+    def draw(self, step: int, micro: int) -> list[int]:
+        """Which prompts micro-batch ``micro`` of step ``step`` samples (indices into
+        ``prompts``): from (seed, step, micro-batch, rank) alone."""
+        rng = np.random.default_rng([self.config.seed, step, 1, micro, self.rank])
+        return rng.choice(len(self.prompts), size=self.config.batch_size).tolist()
+
     def batch(
         self, student: torch.nn.Module, step: int, micro: int, lockstep: bool = False
     ) -> OnPolicyBatch:
         """Micro-batch ``micro`` of step ``step``: sampled, scored, stored, laid out.
         ``student`` is the training module (``DistillStudent``, or its FSDP root);
         ``lockstep``: ranks generate together (FSDP)."""
-        rng = np.random.default_rng([self.config.seed, step, 1, micro, self.rank])
-        chosen = rng.choice(len(self.prompts), size=self.config.batch_size)
-        prompts = [self.prompts[i] for i in chosen]
+        prompts = [self.prompts[i] for i in self.draw(step, micro)]
         start = time.perf_counter()
         completions, student_top = self.sample(student, prompts, lockstep)
         sampled = time.perf_counter()

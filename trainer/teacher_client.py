@@ -9,6 +9,9 @@ What this file decides, and why:
   names: it is up and will answer. A teacher that cannot be reached (connection
   refused, reset, 5xx) is retried ``max_retries`` times with doubling backoff, then the
   run stops with one line naming the URL: resuming later is exact.
+- ``score_logprobs`` come back as [positions, s]; a request that asked fewer ids at some
+  positions (cross-tokenizer steps ask only where a position is the same text on both
+  sides) gets them padded with -inf.
 - ``score_ids`` a backend cannot answer (vLLM: 400 naming score_ids) switch the client to
   the teacher's top-k only, with one warning for the whole run; the union loss then has
   the student's ids with no teacher value, which ``union_teacher_log_probs`` reads from
@@ -42,8 +45,9 @@ class TeacherUnavailable(RuntimeError):
 @dataclass
 class ScoredSequence:
     """The teacher's answer for one (prompt, completion) pair, per completion position:
-    ``topk_ids``/``topk_logprobs`` [C, k], ``tail_logprob`` [C] and, when score_ids were
-    answered, ``score_logprobs`` [C, s] (None when the teacher could not)."""
+    ``topk_ids``/``topk_logprobs`` [C, k], ``tail_logprob`` [C], ``token_logprob`` [C]
+    (its log-prob of the completion's own token there) and, when score_ids were answered,
+    ``score_logprobs`` [C, s] (None when the teacher could not)."""
 
     key: str
     topk_ids: np.ndarray
@@ -51,14 +55,17 @@ class ScoredSequence:
     tail_logprob: np.ndarray
     score_logprobs: np.ndarray | None
     cached: bool
+    token_logprob: np.ndarray
 
 
 @dataclass
 class ScoreCall:
-    """What one call cost: teacher tokens scored fresh, tokens answered from the cache."""
+    """What one call cost (teacher tokens scored fresh, tokens answered from the cache)
+    and what answered it: the ``DatasetInfo`` of the answer (its tokenizer, k, codec)."""
 
     scored_tokens: int = 0
     cached_tokens: int = 0
+    info: DatasetInfo | None = None
 
 
 class TeacherClient:
@@ -152,7 +159,7 @@ def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
             " on-policy training needs a server without --sampled-draws"
         )
     batch = decode_table(table, info)
-    call = ScoreCall()
+    call = ScoreCall(info=info)
     out = []
     for i, row in enumerate(table.select(["cached", "score_logprobs"]).to_pylist()):
         # Positions from logprob_start; keep those that predict completion tokens.
@@ -170,10 +177,18 @@ def _decode(content: bytes) -> tuple[list[ScoredSequence], ScoreCall]:
                 topk_ids=batch.topk_ids[scored].astype(np.int64),
                 topk_logprobs=batch.topk_logprobs[scored].astype(np.float32),
                 tail_logprob=batch.tail_logprob[scored],
-                score_logprobs=None
-                if scores is None
-                else np.asarray(scores, dtype=np.float32)[skip:],
+                score_logprobs=None if scores is None else _padded(scores)[skip:],
                 cached=bool(row["cached"]),
+                token_logprob=batch.token_logprob[scored].astype(np.float32),
             )
         )
     return out, call
+
+
+def _padded(rows: list[list[float]]) -> np.ndarray:
+    """Per-position score log-probs as [C, s]: lists of different lengths (a request may
+    ask a different number of ids per position) padded with -inf to the longest."""
+    out = np.full((len(rows), max(map(len, rows), default=0)), -np.inf, dtype=np.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out

@@ -126,6 +126,14 @@ class VocabMap:
     teacher_to_student: np.ndarray
     student_mapped: np.ndarray
 
+    def student_to_teacher(self) -> np.ndarray:
+        """The inverse map over the student's ids (the map is injective): the teacher id of
+        identical bytes, -1 where none."""
+        inverse = np.full(len(self.student_mapped), -1, dtype=np.int64)
+        known = np.flatnonzero(self.teacher_to_student >= 0)
+        inverse[self.teacher_to_student[known]] = known
+        return inverse
+
     @property
     def coverage(self) -> float:
         """Share of the teacher's vocabulary that has a student counterpart."""
