@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,19 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillcache.shared.inputs import load_input_rows, render_prompt
+from distillcache import preflight
+from distillcache.shared.inputs import render_prompt
 
 from .batching import Batch, collate
 from .config import TrainConfig
-from .stream import Example, Source, iter_held_out
+from .stream import Example, Source, iter_held_out, split_held_out
 from .teacher_client import ScoreCall, TeacherClient
 
 log = logging.getLogger(__name__)
 # Distinct prompts read from --data at most (the dataset's own prompts).
 MAX_DATA_PROMPTS = 100_000
+# Added to a rank's sampler seed for held-out sampling: a stream apart from training's.
+EVAL_STREAM = 7_919
 
 
 @dataclass
@@ -90,17 +94,20 @@ def dataset_name(config: TrainConfig) -> str:
 
 
 def load_prompts(
-    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, source: Source, units: list[Any]
-) -> list[np.ndarray]:
-    """Prompts in token ids: the prompt file's rows (rendered with the student's chat
-    template, as ``distill cache`` renders them with the teacher's), or the distinct
-    prompts of the training data; those leaving no room for a completion are dropped."""
+    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, source: Source | None, units: list[Any]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training prompts, held-out prompts) in token ids.
+
+    Training prompts: the prompt file's rows (rendered with the student's chat template,
+    as ``distill cache`` renders them with the teacher's), or the distinct prompts of the
+    training data. Held-out prompts only in a run without ``data`` (with data, the
+    held-out rows of the dataset are evaluated): ``eval_data`` when it is a prompt file,
+    else ``eval_fraction`` of the prompts, whole prompts chosen by content hash as
+    ``split_held_out`` chooses row groups. Prompts leaving no room for a completion are
+    dropped.
+    """
     if config.prompts is not None:
-        rows, errors = load_input_rows(config.prompts)
-        if errors:
-            first = errors[0]
-            raise ValueError(f"{config.prompts}: {len(errors)} bad rows; first: {first}")
-        prompts = [np.asarray(render_prompt(tokenizer, r.messages), np.int64) for r in rows]
+        prompts = _rendered(config.prompts, "--prompts", tokenizer)
         where = config.prompts
     else:
         seen: dict[bytes, np.ndarray] = {}
@@ -111,6 +118,24 @@ def load_prompts(
                 break
         prompts = list(seen.values())
         where = config.data
+    held: list[np.ndarray] = []
+    if config.data is None and config.eval_data is not None:
+        held = _fitting(
+            _rendered(config.eval_data, "--eval-data", tokenizer), config, config.eval_data
+        )
+    elif config.data is None and config.eval_fraction > 0:
+        prompts, held = split_held_out(prompts, config.eval_fraction, lambda p: p.tobytes().hex())
+        held = _fitting(held, config, where)
+    return _fitting(prompts, config, where), held
+
+
+def _rendered(path: str, flag: str, tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
+    rows = preflight.prompt_file(path, flag)
+    return [np.asarray(render_prompt(tokenizer, r.messages), np.int64) for r in rows]
+
+
+def _fitting(prompts: list[np.ndarray], config: TrainConfig, where: str) -> list[np.ndarray]:
+    """The prompts that leave room for a completion of sample_max_new_tokens."""
     room = config.max_length + 1 - config.sample_max_new_tokens
     kept = [p for p in prompts if 0 < len(p) <= room]
     if not kept:
@@ -122,7 +147,8 @@ def load_prompts(
 
 
 class OnPolicy:
-    """Makes on-policy batches for one rank: sample, score, lay out."""
+    """Makes on-policy batches for one rank: sample, score, lay out; and, in a run without
+    ``data``, the held-out batches (``eval_batches``)."""
 
     def __init__(
         self,
@@ -132,16 +158,19 @@ class OnPolicy:
         vocab_size: int,
         rank: int,
         client: TeacherClient | None = None,
+        held_out: list[np.ndarray] | None = None,
+        world: int = 1,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.prompts = prompts
+        self.held_out = held_out or []
         self.vocab_size = vocab_size
         self.rank = rank
+        self.world = world
         self.client = client or TeacherClient(config.teacher_url or "")
         self.dataset = dataset_name(config)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
-        self.rng_state = generator.get_state()
+        self.rng_state = _generator_state(config.seed * 1_000_003 + rank)
         self.cost = StepCost()
 
     def state_dict(self) -> dict[str, Any]:
@@ -151,7 +180,10 @@ class OnPolicy:
         self.rng_state = state["rng"].clone()
 
     def is_on_policy(self, step: int) -> bool:
-        """Step ``step`` (0-based) is on-policy with probability on_policy_fraction."""
+        """Step ``step`` (0-based) is on-policy with probability on_policy_fraction, once
+        the on_policy_warmup_steps are past."""
+        if step < self.config.on_policy_warmup_steps:
+            return False
         fraction = self.config.on_policy_fraction
         if fraction >= 1.0:
             return True
@@ -163,22 +195,50 @@ class OnPolicy:
         chosen = rng.choice(len(self.prompts), size=self.config.batch_size)
         prompts = [self.prompts[i] for i in chosen]
         start = time.perf_counter()
-        completions, student_top = self.sample(model, prompts)
+        completions, student_top, self.rng_state = self.sample(model, prompts, self.rng_state)
         sampled = time.perf_counter()
+        meta = {"step": step, "seed": self.config.seed, "micro": micro}
+        batch, call = self._scored(prompts, completions, student_top, [meta] * len(prompts))
+        self.cost.add(call, sampled - start, time.perf_counter() - sampled)
+        return batch
+
+    def eval_batches(self, model: torch.nn.Module, step: int) -> Iterator[OnPolicyBatch]:
+        """This rank's share of the held-out prompts, sampled by the student as it is at
+        ``step`` and scored by the teacher. Every evaluation samples with the same seed
+        (``EVAL_STREAM``) and leaves the training sampler's state alone, so evaluations
+        differ only by the model and a resumed run evaluates as a straight one."""
+        state = _generator_state(self.config.seed * 1_000_003 + self.rank + EVAL_STREAM)
+        mine = self.held_out[self.rank :: self.world]
+        size = self.config.batch_size
+        for start in range(0, len(mine), size):
+            prompts = mine[start : start + size]
+            completions, student_top, state = self.sample(model, prompts, state)
+            meta = {"eval_step": step, "seed": self.config.seed, "first": start, "rank": self.rank}
+            batch, _ = self._scored(prompts, completions, student_top, [meta] * len(prompts))
+            yield batch
+
+    def _scored(
+        self,
+        prompts: list[np.ndarray],
+        completions: list[np.ndarray],
+        student_top: list[np.ndarray],
+        metas: list[dict[str, Any]],
+    ) -> tuple[OnPolicyBatch, ScoreCall]:
+        """The samples scored by the teacher (and stored in the run's dataset, each row's
+        meta with its row number added), laid out as a batch."""
         pairs = []
-        for row, (prompt, completion, top) in enumerate(
-            zip(prompts, completions, student_top, strict=True)
+        for row, (prompt, completion, top, meta) in enumerate(
+            zip(prompts, completions, student_top, metas, strict=True)
         ):
             pair: dict[str, Any] = {
                 "prompt_ids": prompt.tolist(),
                 "completion_ids": completion.tolist(),
-                "meta": {"step": step, "seed": self.config.seed, "micro": micro, "row": row},
+                "meta": {**meta, "row": row},
             }
             if self.config.score_top:
                 pair["score_ids"] = top.tolist()
             pairs.append(pair)
         scored, call = self.client.score(pairs, k=self.config.teacher_k, dataset=self.dataset)
-        self.cost.add(call, sampled - start, time.perf_counter() - sampled)
         examples = [
             Example(s.key, p, c, s.topk_ids, s.topk_logprobs, s.tail_logprob)
             for s, p, c in zip(scored, prompts, completions, strict=True)
@@ -192,14 +252,16 @@ class OnPolicy:
             score_ids = torch.zeros((batch.n_targets, 0), dtype=torch.long)
             score_lps = torch.zeros((batch.n_targets, 0), dtype=torch.float32)
         parts = {f.name: getattr(batch, f.name) for f in fields(batch)}
-        return OnPolicyBatch(**parts, score_ids=score_ids, score_logprobs=score_lps.float())
+        on_policy = OnPolicyBatch(**parts, score_ids=score_ids, score_logprobs=score_lps.float())
+        return on_policy, call
 
     @torch.no_grad()
     def sample(
-        self, model: torch.nn.Module, prompts: list[np.ndarray]
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Completions of ``prompts`` (each ending at the first eos, which is kept) and the
-        student's top-``score_top`` ids at each completion position."""
+        self, model: torch.nn.Module, prompts: list[np.ndarray], rng_state: torch.Tensor
+    ) -> tuple[list[np.ndarray], list[np.ndarray], torch.Tensor]:
+        """Completions of ``prompts`` (each ending at the first eos, which is kept), the
+        student's top-``score_top`` ids at each completion position, and the sampler's
+        state after them (``rng_state`` is the state before)."""
         config, device = self.config, next(model.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -212,7 +274,7 @@ class OnPolicy:
         model.eval()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(self.rng_state)
+                torch.set_rng_state(rng_state)
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=mask.to(device),
@@ -227,7 +289,7 @@ class OnPolicy:
                     output_logits=True,
                     return_dict_in_generate=True,
                 )
-                self.rng_state = torch.get_rng_state()
+                rng_state = torch.get_rng_state()
         finally:
             model.train(was_training)
         new = out.sequences[:, width:].cpu().numpy()
@@ -241,4 +303,9 @@ class OnPolicy:
             n = int(ends[0]) + 1 if len(ends) else new.shape[1]
             completions.append(new[row, :n].astype(np.int64))
             tops.append(top[row, :n, :s].astype(np.int64))
-        return completions, tops
+        return completions, tops, rng_state
+
+
+def _generator_state(seed: int) -> torch.Tensor:
+    """The state of a torch CPU generator seeded with ``seed``: what ``sample`` draws from."""
+    return torch.Generator().manual_seed(seed).get_state()
