@@ -17,6 +17,11 @@ What this file decides, and why:
   replayable. The row also keeps the teacher's values at the sample's score_ids, so a
   step a resumed run repeats is answered from the cache: the teacher never scores a
   sample twice (docs/teacher-service.md, "score_ids").
+- A run without ``data`` (on-policy only, a prompt file) has no held-out rows, so it
+  holds out prompts and evaluates on the student's own samples of them, scored and
+  stored like training's (``meta.eval_step``). They draw from a generator of their own,
+  seeded alike at every evaluation: evaluations differ only by the model, and the
+  training sampler's state, hence resume, is untouched.
 """
 
 from __future__ import annotations
