@@ -358,3 +358,12 @@ def test_warmup_steps_read_the_shards_then_the_fraction_applies(world, tmp_path)
     assert asked[1] == asked[2] == 0 and asked[3] > 0 and asked[4] > 0
     rows = list(ShardDataset(world["served"] / "onpolicy-warmup").iter_records())
     assert {r.meta["step"] for r in rows} == {2, 3}
+
+
+def test_a_run_without_data_evaluates_on_a_held_out_dataset_as_any_run(world, tmp_path):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", synthetic_task_rows(8, seed=7))
+    out = tmp_path / "only-shards-eval"
+    shards = str(world["shards"])
+    train(config(world, out, data=None, prompts=str(prompts), eval_data=shards, max_steps=1))
+    [final] = [r for r in metrics(out) if "eval/kl" in r]
+    assert final["eval/tokens"] > 0 and "eval/reverse_kl" not in final

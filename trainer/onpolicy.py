@@ -43,6 +43,7 @@ from distillcache.shared.inputs import render_prompt
 
 from .batching import Batch, collate
 from .config import TrainConfig
+from .seq_kd import is_seed_file
 from .stream import Example, Source, iter_held_out, split_held_out
 from .teacher_client import ScoreCall, TeacherClient
 
@@ -125,9 +126,9 @@ def load_prompts(
         where = config.data
     held: list[np.ndarray] = []
     if config.data is None and config.eval_data is not None:
-        held = _fitting(
-            _rendered(config.eval_data, "--eval-data", tokenizer), config, config.eval_data
-        )
+        if is_seed_file(config.eval_data):  # a dataset there is evaluated as in any run
+            rendered = _rendered(config.eval_data, "--eval-data", tokenizer)
+            held = _fitting(rendered, config, config.eval_data)
     elif config.data is None and config.eval_fraction > 0:
         prompts, held = split_held_out(prompts, config.eval_fraction, lambda p: p.tobytes().hex())
         held = _fitting(held, config, where)
