@@ -84,18 +84,18 @@ def demo(
         str | None,
         typer.Option(
             help="Runs per kind of student, e.g. kd=2,sft=2,xt-sft=1 (kinds: kd, sft, gkd, "
-            "xt-kd, xt-sft; default kd=1,sft=1,gkd=0,xt-kd=1,xt-sft=0). A run is about 1.3 "
-            "minutes on 2 quiet cores, a GKD run about 4."
+            "xt-kd, xt-sft; default kd=1,sft=1,gkd=1,xt-kd=1,xt-sft=0). A run is about 1.3 "
+            "minutes on 2 quiet cores, a GKD run about 1.4."
         ),
     ] = None,
 ) -> None:
     """The whole pipeline on a real teacher: cache, train five kinds of student, report.
 
     SmolLM2-135M-Instruct answers GSM8K questions through `distill serve`; students
-    (every 5th teacher layer) train from the shards: KD, SFT and KD on GPT-2's tokenizer
-    (cross-tokenizer), and with --seeds gkd=1 GKD (on-policy, scored by a live teacher);
-    report.md compares them and says which margins are beyond the seed noise. 8.4 minutes
-    on 2 quiet CPU cores. A second run is served from the cache.
+    (every 5th teacher layer) train from the shards: KD, SFT, GKD (on-policy after a
+    warm-up on the shards, scored by a live teacher) and KD on GPT-2's tokenizer
+    (cross-tokenizer); report.md compares them and says which margins are beyond the seed
+    noise. About 10 minutes on 2 quiet CPU cores. A second run is served from the cache.
     """
     from distillcache.demo import DemoConfig, run_demo
 

@@ -8,17 +8,18 @@
    show `distill inspect`; re-submit the training job: every row is already stored,
    zero teacher tokens;
 4. build a student from the teacher (every n-th layer, ``demo_students``) and train it,
-   same steps, same batch, from the same shards: token-level KD, sequence-level SFT, and,
-   moved to another real tokenizer, cross-tokenizer KD and SFT on the retokenized teacher
-   text; on request GKD (on-policy: a share of the steps on the student's own samples,
-   scored by a teacher service the demo starts for that run). Each kind trains with
+   same steps, same batch, from the same shards: token-level KD, sequence-level SFT, GKD
+   (on-policy: after a warm-up on the shards, a share of the steps on the student's own
+   samples, scored by a teacher service the demo starts for that run), and, moved to
+   another real tokenizer, cross-tokenizer KD and SFT on the retokenized teacher text.
+   Each kind trains with
    ``seeds[kind]`` seeds (data order and sampling), so the report can show the spread;
 5. evaluate the teacher, the untrained students and every trained student on the
    held-out questions, write report.md and a PNG of the training curves.
 
 The GKD run is scored by a transformers-backend service whatever ``backend`` cached the
 shards: vLLM cannot return log-probs at the student's own ids (score_ids), and without
-them reverse KL on the student's samples would see only the teacher's top-k.
+them a divergence on the student's samples would see only the teacher's top-k.
 
 Run it again and steps 3 and 4's teacher work are answered from the cache (the on-policy
 samples are seeded, so the same samples are asked again). The same pipeline runs in CI
@@ -65,7 +66,8 @@ KINDS: tuple[StudentKind, ...] = get_args(StudentKind)  # the report's row order
 
 
 class DemoConfig(BaseModel):
-    """Sizes that fit the whole demo in 15 minutes on 2 CPU cores (8.4 measured)."""
+    """Sizes that fit the whole demo in 15 minutes on 2 CPU cores (8.4 measured without the
+    GKD student, about 10 with it by measured parts: docs/benchmarks.md)."""
 
     out_dir: Path = Field(Path("demo-out"), description="Where the store, runs and report go.")
     cache_dir: Path = Field(Path(".cache"), description="Downloaded and converted models, data.")
@@ -83,19 +85,31 @@ class DemoConfig(BaseModel):
     )
     student_every: int = Field(5, description="Keep every n-th teacher layer in the student.")
     seeds: dict[StudentKind, int] = Field(
-        default_factory=lambda: {"kd": 1, "sft": 1, "gkd": 0, "xt-kd": 1, "xt-sft": 0},
+        default_factory=lambda: {"kd": 1, "sft": 1, "gkd": 1, "xt-kd": 1, "xt-sft": 0},
         description="Training runs per kind of student (seeds 0, 1, ...; 0 leaves a kind "
-        "out). One each of KD, SFT and cross-tokenizer KD: 8.4 minutes on a quiet 2-core "
-        "machine (docs/benchmarks.md), so the report shows no spread and says so; "
-        "`distill demo --seeds kd=2,sft=2,xt-sft=1` buys the spread and the "
-        "cross-tokenizer SFT baseline, `gkd=1` a GKD student (about 4 minutes more; at "
-        "these settings it comes out behind, docs/benchmarks.md), with more minutes.",
+        "out). One each of KD, SFT, GKD and cross-tokenizer KD: about 10 minutes on a "
+        "quiet 2-core machine (docs/benchmarks.md; GKD is about 1.4 of them, `gkd=0` "
+        "leaves it out), so the report shows no spread and says so; `distill demo --seeds "
+        "kd=2,sft=2,xt-sft=1` buys the spread and the cross-tokenizer SFT baseline, with "
+        "more minutes.",
     )
-    gkd_loss: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    gkd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="GKD's divergence, on the shards' steps too. Reverse KL (mode-seeking) "
+        "and JSD(0.5) from the demo's far-off student made it worse than untrained "
+        "(docs/benchmarks.md).",
+    )
+    gkd_warmup: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Share of GKD's steps that read the shards only before on-policy steps "
+        "begin (on_policy_warmup_steps): the student samples once it has learnt something.",
+    )
     gkd_fraction: float = Field(
         0.5, description="GKD's share of on-policy steps (the rest read the shards)."
     )
-    gkd_max_new_tokens: int = Field(64, description="Longest completion the GKD student samples.")
+    gkd_max_new_tokens: int = Field(32, description="Longest completion the GKD student samples.")
     cross_tokenizer: Literal["gpt2", "llama3", "qwen2"] = Field(
         "gpt2",
         description="The cross-tokenizer students' real tokenizer (shared.model_source): "
@@ -387,6 +401,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
                     seed,
                     loss=cfg.gkd_loss,
                     on_policy_fraction=cfg.gkd_fraction,
+                    on_policy_warmup_steps=int(cfg.gkd_warmup * cfg.steps),
                     teacher_url=url,
                     teacher_k=cfg.k,
                     sample_max_new_tokens=cfg.gkd_max_new_tokens,

@@ -201,13 +201,15 @@ def render_report(cfg: DemoConfig, results: DemoResults) -> str:
     )
     gkd_text = ""
     if "gkd" in students:
+        warmup = int(cfg.gkd_warmup * cfg.steps)
         gkd_text = (
-            f" **GKD** (on-policy, Agarwal et al. 2024): each step is on the student's own "
-            f"samples with probability {cfg.gkd_fraction} (at most {cfg.gkd_max_new_tokens} "
-            f"new tokens, T=1), scored by the teacher through `POST /v1/score` with the "
-            f"student's top ids (`score_ids`, a transformers-backend `distill serve` started "
-            f"for it: vLLM cannot return them), the other steps read the shards; "
-            f"{cfg.gkd_loss} on the union of both top-k sets."
+            f" **GKD** (on-policy, Agarwal et al. 2024): after {warmup} steps on the shards, "
+            f"each step is on the student's own samples with probability {cfg.gkd_fraction} "
+            f"(at most {cfg.gkd_max_new_tokens} new tokens, T=1), scored by the teacher "
+            f"through `POST /v1/score` with the student's top ids (`score_ids`, a "
+            f"transformers-backend `distill serve` started for it: vLLM cannot return "
+            f"them), the other steps read the shards; {cfg.gkd_loss} throughout, on the "
+            f"union of both top-k sets on its own samples."
         )
     cross_text = ""
     if "xt-kd" in students or "xt-sft" in students:

@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from distillcache.shared.inputs import SUFFIXES
+from distillcache.shared.inputs import SUFFIXES, InputRow, load_input_rows
 
 
 def model_ref(ref: str, flag: str) -> str:
@@ -50,6 +50,21 @@ def input_file(path: Path, flag: str = "INPUT") -> Path:
             "(JSON lines; a .json file is read as JSON lines too)"
         )
     return path
+
+
+def prompt_file(path: str, flag: str) -> list[InputRow]:
+    """The rows of a prompt file (the input formats `distill cache` accepts), all of them
+    good: the first bad row is named as ``path:line: problem``, with how many there are."""
+    input_file(Path(path), flag)
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: no such prompt file")
+    rows, errors = load_input_rows(path)
+    if errors:
+        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+        raise ValueError(f"{flag} {errors[0]}{more}; fix or drop the row")
+    if not rows:
+        raise ValueError(f"{flag} {path}: no prompts in the file")
+    return rows
 
 
 def writable(path: Path, flag: str) -> Path:

@@ -24,7 +24,9 @@ import torch
 from service_support import DISTILL, thread_server
 from trainer_support import max_weight_difference, task_tokenizer, tiny_model, write_teacher_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
+from distillcache.cli import app
 from distillcache.services.teacher.readiness import free_port, wait_ready
 from distillcache.services.teacher.settings import TeacherSettings
 from distillcache.shared.inputs import render_prompt, user_turn
@@ -32,6 +34,7 @@ from distillcache.shared.reader import ShardDataset
 from distillcache.shared.tiny_models import synthetic_task_rows
 from distillcache.trainer.config import TrainConfig
 from distillcache.trainer.loop import train
+from distillcache.trainer.student import TokenizerMismatch
 from distillcache.trainer.teacher_client import TeacherClient, TeacherUnavailable
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -262,3 +265,105 @@ def test_a_busy_teacher_is_waited_for_as_its_retry_after_says(world, tmp_path):
             client.close()
     assert client.busy_waits > 0, "the queue of 1 never refused the client"
     assert scored[0].topk_ids.shape == (2, 4) and call.scored_tokens == 2
+
+
+def _cli_train(world, out: Path, prompts: Path, *extra: str):
+    """``distill train`` with no --data: the student's own samples of ``prompts`` only."""
+    args = ["train", "--student", str(world["student"]), "--output-dir", str(out)]
+    args += ["--on-policy-fraction", "1", "--prompts", str(prompts)]
+    args += ["--teacher-url", world["url"], "--loss", "reverse_kl", "--batch-size", "4"]
+    args += ["--max-steps", "4", "--lr", "3e-3", "--warmup-steps", "1", "--max-length", "96"]
+    args += ["--chunk-size", "64", "--sample-max-new-tokens", "12", "--log-every", "1"]
+    args += ["--no-progress", "--no-tensorboard", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def _write_prompts(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": r["question"]}) + "\n" for r in rows))
+    return path
+
+
+def _union_reverse_kl(world, student_dir: Path, rows, score_top: int, k: int) -> float:
+    """Reverse KL(student || teacher) per token on stored samples, in float64 from both
+    models' full logits, on what the on-policy loss sees: per position the union of the
+    student's top-``score_top`` and the teacher's top-``k`` ids, plus one bucket for the
+    rest of each side's mass. Independent of the service, its codec and the trainer."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(world["teacher"], dtype=torch.float32).eval()
+    vocab = len(AutoTokenizer.from_pretrained(student_dir))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            seq = torch.tensor([list(row.prompt_ids) + list(row.completion_ids)])
+            n, start = len(row.completion_ids), len(row.prompt_ids) - 1
+            s = torch.log_softmax(student(seq).logits[0, start : start + n, :vocab].double(), -1)
+            t = torch.log_softmax(teacher(seq).logits[0, start : start + n, :vocab].double(), -1)
+            for ps, pt in zip(s.exp(), t.exp(), strict=True):
+                union = set(ps.topk(score_top).indices.tolist()) | set(pt.topk(k).indices.tolist())
+                ids = torch.tensor(sorted(union))
+                q = torch.cat([ps[ids], (1 - ps[ids].sum()).clamp_min(0).view(1)])
+                p = torch.cat([pt[ids], (1 - pt[ids].sum()).clamp_min(1e-300).view(1)])
+                kept = q > 0
+                total += float((q[kept] * (q[kept].log() - p[kept].log())).sum())
+            count += n
+    return total / count
+
+
+def test_on_policy_only_run_without_data_trains_stores_evaluates_and_resumes(world, tmp_path):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", synthetic_task_rows(20, seed=7))
+    exact = ("--eval-fraction", "0.25", "--score-top", "64")
+    result = _cli_train(world, tmp_path / "only-straight", prompts, *exact)
+    assert result.exit_code == 0, result.output
+    stopped = _cli_train(world, tmp_path / "only-resumed", prompts, *exact, "--stop-at-step", "2")
+    assert stopped.exit_code == 0, stopped.output
+    resumed = _cli_train(world, tmp_path / "only-resumed", prompts, *exact, "--resume", "auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert max_weight_difference(tmp_path / "only-straight", tmp_path / "only-resumed") <= 1e-6
+
+    rows = list(ShardDataset(world["served"] / "onpolicy-only-straight").iter_records())
+    trained = sorted((r.meta["step"], r.meta["row"]) for r in rows if "step" in r.meta)
+    assert trained == [(step, i) for step in range(4) for i in range(4)]
+    held = [r for r in rows if r.meta.get("eval_step") == 4]
+    assert len(held) == 5, "a quarter of 20 prompts is held out and scored once, at the end"
+    assert not {tuple(r.prompt_ids) for r in held} & {
+        tuple(r.prompt_ids) for r in rows if "step" in r.meta
+    }, "held-out prompts are never trained on"
+    final = [r for r in metrics(tmp_path / "only-straight") if "eval/reverse_kl" in r]
+    assert [r["step"] for r in final] == [4]
+    reference = _union_reverse_kl(world, tmp_path / "only-straight", held, score_top=64, k=8)
+    assert final[0]["eval/reverse_kl"] == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    again = [r for r in metrics(tmp_path / "only-resumed") if "eval/reverse_kl" in r]
+    assert again[0]["eval/reverse_kl"] == pytest.approx(final[0]["eval/reverse_kl"], rel=1e-5)
+
+
+def test_a_student_of_another_tokenizer_is_refused_by_the_served_teachers(world, tmp_path):
+    other = tiny_model(tmp_path / "student", task_tokenizer(tmp_path / "tok", n_rows=60), seed=5)
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", synthetic_task_rows(4, seed=7))
+    run = config(world, tmp_path / "run", data=None, prompts=str(prompts), student=str(other))
+    with pytest.raises(TokenizerMismatch, match=f"the teacher at {world['url']} serves"):
+        train(run)
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
+def test_warmup_steps_read_the_shards_then_the_fraction_applies(world, tmp_path):
+    out = tmp_path / "warmup"
+    train(config(world, out, on_policy_warmup_steps=2))
+    # Asked of the teacher: scored fresh, or answered from its cache (another test of this
+    # module may have asked for the same samples).
+    asked = {
+        r["step"]: r["onpolicy/teacher_tokens"] + r["onpolicy/cache_tokens"]
+        for r in metrics(out)
+        if "onpolicy/teacher_tokens" in r
+    }
+    assert asked[1] == asked[2] == 0 and asked[3] > 0 and asked[4] > 0
+    rows = list(ShardDataset(world["served"] / "onpolicy-warmup").iter_records())
+    assert {r.meta["step"] for r in rows} == {2, 3}
+
+
+def test_a_run_without_data_evaluates_on_a_held_out_dataset_as_any_run(world, tmp_path):
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", synthetic_task_rows(8, seed=7))
+    out = tmp_path / "only-shards-eval"
+    shards = str(world["shards"])
+    train(config(world, out, data=None, prompts=str(prompts), eval_data=shards, max_steps=1))
+    [final] = [r for r in metrics(out) if "eval/kl" in r]
+    assert final["eval/tokens"] > 0 and "eval/reverse_kl" not in final

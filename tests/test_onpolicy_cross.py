@@ -191,7 +191,7 @@ def test_one_tokenizer_on_both_sides_gives_the_same_on_policy_loss_and_gradients
     plain_tokenizer = load_tokenizer(plain_config.student)
     plain_data = open_data(plain_config, plain_tokenizer)
     ensure_pad_token(plain_tokenizer)
-    plain_prompts = load_prompts(
+    plain_prompts, _ = load_prompts(
         plain_config, plain_tokenizer, plain_data.source, plain_data.train_units
     )
     assert [p.tolist() for p in cross.prompts] == [p.tolist() for p in plain_prompts]

@@ -151,3 +151,41 @@ def test_mistakes_are_named_before_the_student_loads(world, tmp_path, capsys):
         assert code == 1 and expected in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_without_data_is_on_policy_only_and_says_what_is_missing(tmp_path, capsys):
+    good = tmp_path / "prompts.jsonl"
+    good.write_text(json.dumps({"prompt": "1 + 1?"}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "1 + 1?"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
+    # A hub-shaped student that is nowhere and a teacher that is down: each case must be
+    # refused before either is reached.
+    base = ["train", "--student", "nobody/nothing", "--output-dir", str(tmp_path / "r")]
+    base += ["--teacher-url", "http://127.0.0.1:9"]
+    with_prompts = ["--prompts", str(good)]
+    usage = {
+        "data is missing: on_policy_fraction 0.0": with_prompts,
+        "data is missing: on_policy_fraction 0.5": [*with_prompts, "--on-policy-fraction", "0.5"],
+        "prompts is missing": ["--on-policy-fraction", "1"],
+        "on_policy_warmup_steps": [
+            *with_prompts,
+            "--on-policy-fraction",
+            "1",
+            "--on-policy-warmup-steps",
+            "2",
+        ],
+    }
+    for expected, args in usage.items():
+        result = runner.invoke(app, [*base, *args], env={"COLUMNS": "300"})
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+    only = ["--on-policy-fraction", "1"]
+    files = {
+        f"--prompts {bad}:2: ": ["--prompts", str(bad)],
+        "no such prompt file": ["--prompts", str(tmp_path / "none.jsonl")],
+        f"--eval-data {bad}:2: ": ["--prompts", str(good), "--eval-data", str(bad)],
+    }
+    for expected, args in files.items():
+        code, err = run_main([*base, *only, *args], capsys)
+        assert code == 1 and expected in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -41,8 +41,11 @@ def train(config: Path | None = None, **flags: Any) -> None:
     try:
         settings = load_config(config, flags)
     except ValidationError as e:
+        # A check across fields (the model's validator) has no field; its message names them.
         problems = "; ".join(
-            f"{flag(str(err['loc'][0])) if err['loc'] else 'config'}: {err['msg']}"
+            f"{flag(str(err['loc'][0]))}: {err['msg']}"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")
             for err in e.errors()
         )
         raise typer.BadParameter(problems) from None
@@ -80,6 +83,11 @@ def _summary(settings: TrainConfig, result: Path, seconds: float) -> None:
         ("held-out KL to the teacher", f"{evals['eval/kl']:.4f} nats/token" if evals else "-"),
         ("held-out top-1 agreement", f"{evals['eval/top1']:.3f}" if evals else "-"),
         ("held-out tokens", f"{int(evals['eval/tokens']):,}" if evals else "-"),
+        *(
+            [("held-out reverse KL, own samples", f"{evals['eval/reverse_kl']:.4f} nats/token")]
+            if "eval/reverse_kl" in evals
+            else []
+        ),
         ("time", f"{seconds:.0f} s"),
         ("model", str(result)),
         (
@@ -106,7 +114,13 @@ def _preflight(settings: TrainConfig) -> None:
         # A dataset on object storage is checked when it opens (its errors name the URI).
         if path is not None and not is_uri(path) and not Path(path).exists():
             raise ValueError(f"{flag_name} {path}: no such seed file or dataset directory")
-    if is_seed_file(settings.data) and settings.loss != "sft":
+    if settings.prompts is not None:
+        preflight.prompt_file(settings.prompts, "--prompts")
+    if settings.data is None:
+        # An on-policy-only run: an --eval-data file holds held-out prompts.
+        if settings.eval_data is not None and is_seed_file(settings.eval_data):
+            preflight.prompt_file(settings.eval_data, "--eval-data")
+    elif is_seed_file(settings.data) and settings.loss != "sft":
         raise ValueError(
             f"--data {settings.data} is a seed file: it holds the teacher's text but no "
             f"log-probs, so only --loss sft trains on it (run `distill cache` over it for "

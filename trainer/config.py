@@ -33,16 +33,27 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Data and models.
-    data: str = Field(
+    data: str | None = Field(
+        None,
         description="Training data: a shard dataset directory or s3:// URI (token-level KD, "
         "or SFT on its completions with --loss sft), or a seed file (.jsonl, .jsonl.zst, "
-        ".parquet) of {question, teacher_solution} rows for SFT."
+        ".parquet) of {question, teacher_solution} rows for SFT. Required except in an "
+        "on-policy-only run (--on-policy-fraction 1 with --prompts).",
     )
     student: str = Field(description="Student model: a Hugging Face id or a local directory.")
     output_dir: str = Field(description="Where checkpoints, the final model and metrics go.")
-    eval_data: str | None = Field(None, description="Held-out data (same kinds as --data).")
+    eval_data: str | None = Field(
+        None,
+        description="Held-out data (same kinds as --data); in a run without --data, a shard "
+        "dataset or a prompt file of held-out prompts (the student samples, the teacher "
+        "scores).",
+    )
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of --data's row groups."
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Hold out this fraction of --data's row groups (without --data: of "
+        "--prompts' prompts).",
     )
 
     # Loss.
@@ -76,6 +87,12 @@ class TrainConfig(BaseModel):
         "samples completions of prompts and the teacher scores them (--teacher-url). 0: "
         "shards only; 1: the student's own samples only.",
     )
+    on_policy_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="The first N steps read --data only (off-policy), so that the student "
+        "samples once it has learnt from the shards; on_policy_fraction applies after them.",
+    )
     teacher_url: str | None = Field(
         None,
         description="Teacher service for on-policy steps (token from DISTILL_AUTH_TOKEN).",
@@ -83,7 +100,8 @@ class TrainConfig(BaseModel):
     prompts: str | None = Field(
         None,
         description="Prompt file for on-policy steps (the input formats distill cache "
-        "accepts); default: the prompts of --data.",
+        "accepts); default: the prompts of --data. With --on-policy-fraction 1 it replaces "
+        "--data.",
     )
     sample_temperature: float = Field(
         1.0, gt=0.0, description="The student's sampling temperature on on-policy steps."
@@ -202,6 +220,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps {self.warmup_steps} exceed max_steps {self.max_steps}")
         if self.eval_data is not None and self.eval_fraction > 0:
             raise ValueError("give eval_data or eval_fraction, not both")
+        if self.data is None:
+            self._check_without_data()
         if self.on_policy_fraction > 0:
             if self.teacher_url is None:
                 raise ValueError("on_policy_fraction > 0 needs teacher_url (a distill serve URL)")
@@ -215,6 +235,25 @@ class TrainConfig(BaseModel):
         if self.cross_tokenizer and self.packing:
             raise ValueError("cross_tokenizer batches are padded; drop packing")
         return self
+
+    def _check_without_data(self) -> None:
+        """A run without ``data`` trains on the student's own samples of a prompt file only:
+        every other step, and the shard-derived checks, need a dataset."""
+        if self.on_policy_fraction < 1:
+            raise ValueError(
+                f"data is missing: on_policy_fraction {self.on_policy_fraction} leaves "
+                "off-policy steps, which read it (only on_policy_fraction 1 with prompts "
+                "trains without data)"
+            )
+        if self.prompts is None:
+            raise ValueError(
+                "prompts is missing: an on-policy-only run without data samples the prompts "
+                "of a prompt file (give prompts, or data to sample its prompts)"
+            )
+        if self.on_policy_warmup_steps > 0:
+            raise ValueError("data is missing: on_policy_warmup_steps train off-policy, on data")
+        if self.cross_tokenizer:
+            raise ValueError("data is missing: cross_tokenizer runs align a dataset's text")
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True)
@@ -231,6 +270,7 @@ DATA_ORDER_FIELDS = (
     "shuffle_window",
     "seed",
     "on_policy_fraction",
+    "on_policy_warmup_steps",
     "prompts",
     "cross_tokenizer",
 )

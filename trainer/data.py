@@ -16,11 +16,13 @@ from .student import check_tokenizer
 @dataclass
 class RunData:
     """The training source and units, and the held-out source and units (maybe none).
+    An on-policy-only run without ``data`` has no training source, and a held-out source
+    only when ``eval_data`` is a dataset (held-out prompts are ``onpolicy``'s).
     ``sampled``: the training data holds sampled draws (RS-KD), not a top-k."""
 
-    source: Source
+    source: Source | None
     train_units: list[Any]
-    eval_source: Source
+    eval_source: Source | None
     eval_units: list[Any]
     sampled: bool = False
 
@@ -38,11 +40,18 @@ def open_source(
 
 def open_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> RunData:
     """Open ``data`` (and ``eval_data``), check the student's tokenizer against shards.
+    Without ``data`` (an on-policy-only run) only an ``eval_data`` dataset is opened; a
+    prompt file there is ``onpolicy.load_prompts``'.
 
     Must run before a pad token is added to ``tokenizer``: the check hashes its specials.
     Evaluation always reads the teacher's top-k when the data has it, so an SFT run is
     measured by the same KL to the teacher as a KD run.
     """
+    if config.data is None:
+        if config.eval_data is None or is_seed_file(config.eval_data):
+            return RunData(None, [], None, [])
+        eval_source = open_source(config.eval_data, tokenizer, config.student, teacher=True)
+        return RunData(None, [], eval_source, eval_source.units())
     if is_seed_file(config.data) and config.loss != "sft":
         raise ValueError(
             f"{config.data} is a seed file: it holds the teacher's text but no log-probs, so "

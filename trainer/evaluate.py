@@ -51,9 +51,12 @@ def evaluate(
     bucket; 0 without a teacher; across tokenizers the chunk divergence of
     ``cross_tokenizer`` at T=1), ``eval/top1``, ``eval/ce``, ``eval/tokens``, and where
     bytes are known ``eval/bpb``: the student's bits per byte of the teacher's completion
-    text, ``CE sum / ln 2 / bytes``, which does not depend on the tokenizer.
+    text, ``CE sum / ln 2 / bytes``, which does not depend on the tokenizer. Batches of the
+    student's own samples (held-out prompts of an on-policy-only run) also give
+    ``eval/reverse_kl``, the teacher-scored reverse KL on them (``DistillStudent``).
     """
-    totals = torch.zeros(5, dtype=torch.float64, device=env.device)
+    totals = torch.zeros(6, dtype=torch.float64, device=env.device)
+    on_policy = False
     filler: Batch | None = None
     source = iter(batches)
     with torch.no_grad():
@@ -79,8 +82,9 @@ def evaluate(
             with autocast():
                 sums = forward(batch).to(totals)
             totals[: len(sums)] += sums
+            on_policy = on_policy or len(sums) == len(totals)
     all_reduce_sum(totals, env)
-    kl, agree, ce, count, n_bytes = totals.tolist()
+    kl, agree, ce, count, n_bytes, reverse_kl = totals.tolist()
     count = max(count, 1.0)
     result = {
         "eval/kl": kl / count,
@@ -90,6 +94,8 @@ def evaluate(
     }
     if n_bytes > 0:
         result["eval/bpb"] = ce / math.log(2) / n_bytes
+    if on_policy:
+        result["eval/reverse_kl"] = reverse_kl / count
     return result
 
 

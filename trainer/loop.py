@@ -43,7 +43,8 @@ from .onpolicy import OnPolicy, load_prompts
 from .onpolicy_cross import open_cross_onpolicy
 from .sparse_kd import LossSpec
 from .stream import DataPosition, iter_examples, iter_held_out
-from .student import DistillStudent, load_student, load_tokenizer
+from .student import DistillStudent, check_tokenizer, load_student, load_tokenizer
+from .teacher_client import TeacherClient
 
 
 def train(config: TrainConfig) -> Path:
@@ -113,6 +114,12 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         data, vocab_map = open_aligned_data(config, tokenizer)
     else:
         data = open_data(config, tokenizer)
+    client = None
+    if config.on_policy_fraction > 0:
+        client = TeacherClient(config.teacher_url or "")
+        if not config.cross_tokenizer:  # across tokenizers the ids differ by design
+            served = f"the teacher at {client.url} serves"
+            check_tokenizer(tokenizer, config.student, client.tokenizer(), served)
     ensure_pad_token(tokenizer)
     vocab_size = len(tokenizer)
     model = load_student(str(resume or config.student), vocab_size)
@@ -138,7 +145,7 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
     )
-    onpolicy = _open_onpolicy(config, tokenizer, data, vocab_size, env)
+    onpolicy = _open_onpolicy(config, tokenizer, data, vocab_size, env, client)
     step, position = 0, DataPosition()
     if resume is not None:
         state = load_checkpoint(
@@ -165,11 +172,15 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     # wrapper (whose forward is a collective).
     forward_only = wrapped if fsdp else unwrap(wrapped)
 
-    def run_eval() -> dict[str, float]:
+    def run_eval(at: int) -> dict[str, float]:
         module.eval()
+        if data.eval_units:
+            held = _eval_batches(data, config, env, tokenizer.pad_token_id)
+        else:  # held-out prompts of a run without data: the student's samples, scored
+            held = onpolicy.eval_batches(forward_only, at, lockstep=fsdp)
         result = evaluate(
             lambda batch: forward_only(batch, evaluate=True),
-            _eval_batches(data, config, env, tokenizer.pad_token_id),
+            held,
             env,
             lockstep=fsdp,
             autocast=autocast,
@@ -177,26 +188,28 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
         module.train()
         return result
 
-    batches = _batches(
-        iter_examples(
-            data.source,
-            data.train_units,
-            seed=config.seed,
-            rank=env.rank,
-            world=env.world,
-            window_rows=config.shuffle_window,
-            start=position,
-        ),
-        config,
-        tokenizer.pad_token_id,
-    )
+    batches = None  # an on-policy-only run without data reads none
+    if data.source is not None:
+        batches = _batches(
+            iter_examples(
+                data.source,
+                data.train_units,
+                seed=config.seed,
+                rank=env.rank,
+                world=env.world,
+                window_rows=config.shuffle_window,
+                start=position,
+            ),
+            config,
+            tokenizer.pad_token_id,
+        )
     log = MetricsLog(out, enabled=env.main, tensorboard=config.tensorboard)
     keys = open(out / f"keys-rank{env.rank}.txt", "a") if config.record_keys else None
     end = config.stop_at_step or config.max_steps
     running = torch.zeros(4, dtype=torch.float64, device=env.device)
     last_log, saved_at, evaluated_at = time.perf_counter(), -1, -1
     step_time = 0.0
-    has_eval = bool(data.eval_units)
+    has_eval = bool(data.eval_units) or (onpolicy is not None and bool(onpolicy.held_out))
 
     def checkpoint() -> Path:
         return save_checkpoint(
@@ -226,12 +239,17 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
 
     def report_eval(at: int) -> None:
         """Evaluate, log, and show the figures on the terminal (above the progress bar)."""
-        values = run_eval()
+        values = run_eval(at)
         log.write(at, values)
         if env.main:
+            own = (
+                f", reverse KL on the student's samples {values['eval/reverse_kl']:.4f}"
+                if "eval/reverse_kl" in values
+                else ""
+            )
             progress.console.print(
                 f"step {at}: held-out KL {values['eval/kl']:.4f} nats/token, top-1 "
-                f"agreement {values['eval/top1']:.3f}, CE {values['eval/ce']:.3f}"
+                f"agreement {values['eval/top1']:.3f}, CE {values['eval/ce']:.3f}{own}"
             )
 
     result = out
@@ -315,14 +333,23 @@ def _train(config: TrainConfig, env: DistEnv) -> Path:
     return result
 
 
-def _open_onpolicy(config: TrainConfig, tokenizer, data: RunData, vocab_size: int, env: DistEnv):
+def _open_onpolicy(
+    config: TrainConfig,
+    tokenizer,
+    data: RunData,
+    vocab_size: int,
+    env: DistEnv,
+    client: TeacherClient | None,
+):
     """The on-policy step maker when on_policy_fraction > 0 (else None)."""
-    if config.on_policy_fraction <= 0:
+    if client is None:
         return None
     if config.cross_tokenizer:
-        return open_cross_onpolicy(config, tokenizer, data, vocab_size, env.rank)
-    prompts = load_prompts(config, tokenizer, data.source, data.train_units)
-    return OnPolicy(config, tokenizer, prompts, vocab_size, env.rank)
+        return open_cross_onpolicy(config, tokenizer, data, vocab_size, env.rank, client)
+    prompts, held_out = load_prompts(config, tokenizer, data.source, data.train_units)
+    return OnPolicy(
+        config, tokenizer, prompts, vocab_size, env.rank, client, held_out, world=env.world
+    )
 
 
 def onpolicy_metrics(onpolicy: OnPolicy, step_time: float) -> dict[str, float]:

@@ -23,6 +23,11 @@ What this file decides, and why:
   replayable. The row also keeps the teacher's values at the sample's score_ids, so a
   step a resumed run repeats is answered from the cache: the teacher never scores a
   sample twice (docs/teacher-service.md, "score_ids").
+- A run without ``data`` (on-policy only, a prompt file) has no held-out rows, so it
+  holds out prompts and evaluates on the student's own samples of them, scored and
+  stored like training's (``meta.eval_step``). They draw from a generator of their own,
+  seeded alike at every evaluation: evaluations differ only by the model, and the
+  training sampler's state, hence resume, is untouched.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,16 +44,35 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillcache.shared.inputs import load_input_rows, render_prompt
+from distillcache import preflight
+from distillcache.shared.inputs import render_prompt
 
 from .batching import Batch, collate
 from .config import TrainConfig
-from .stream import Example, Source, iter_held_out
+from .seq_kd import is_seed_file
+from .stream import Example, Source, iter_held_out, split_held_out
 from .teacher_client import ScoreCall, TeacherClient
 
 log = logging.getLogger(__name__)
 # Distinct prompts read from --data at most (the dataset's own prompts).
 MAX_DATA_PROMPTS = 100_000
+# Added to a rank's sampler seed for held-out sampling: a stream apart from training's.
+EVAL_STREAM = 7_919
+
+
+@dataclass
+class SamplerRng:
+    """What a sampler draws from: a torch CPU generator state and, once it sampled on a
+    CUDA device (where ``multinomial`` draws), that device's generator state, seeded
+    from ``seed`` at the first sample there."""
+
+    seed: int
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+
+    @classmethod
+    def seeded(cls, seed: int) -> SamplerRng:
+        return cls(seed, torch.Generator().manual_seed(seed).get_state())
 
 
 @dataclass
@@ -96,17 +121,20 @@ def dataset_name(config: TrainConfig) -> str:
 
 
 def load_prompts(
-    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, source: Source, units: list[Any]
-) -> list[np.ndarray]:
-    """Prompts in token ids: the prompt file's rows (rendered with the student's chat
-    template, as ``distill cache`` renders them with the teacher's), or the distinct
-    prompts of the training data; those leaving no room for a completion are dropped."""
+    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, source: Source | None, units: list[Any]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training prompts, held-out prompts) in token ids.
+
+    Training prompts: the prompt file's rows (rendered with the student's chat template,
+    as ``distill cache`` renders them with the teacher's), or the distinct prompts of the
+    training data. Held-out prompts only in a run without ``data`` (with data, the
+    held-out rows of the dataset are evaluated): ``eval_data`` when it is a prompt file,
+    else ``eval_fraction`` of the prompts, whole prompts chosen by content hash as
+    ``split_held_out`` chooses row groups. Prompts leaving no room for a completion are
+    dropped.
+    """
     if config.prompts is not None:
-        rows, errors = load_input_rows(config.prompts)
-        if errors:
-            first = errors[0]
-            raise ValueError(f"{config.prompts}: {len(errors)} bad rows; first: {first}")
-        prompts = [np.asarray(render_prompt(tokenizer, r.messages), np.int64) for r in rows]
+        prompts = _rendered(config.prompts, "--prompts", tokenizer)
         where = config.prompts
     else:
         seen: dict[bytes, np.ndarray] = {}
@@ -117,6 +145,24 @@ def load_prompts(
                 break
         prompts = list(seen.values())
         where = config.data
+    held: list[np.ndarray] = []
+    if config.data is None and config.eval_data is not None:
+        if is_seed_file(config.eval_data):  # a dataset there is evaluated as in any run
+            rendered = _rendered(config.eval_data, "--eval-data", tokenizer)
+            held = _fitting(rendered, config, config.eval_data)
+    elif config.data is None and config.eval_fraction > 0:
+        prompts, held = split_held_out(prompts, config.eval_fraction, lambda p: p.tobytes().hex())
+        held = _fitting(held, config, where)
+    return _fitting(prompts, config, where), held
+
+
+def _rendered(path: str, flag: str, tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
+    rows = preflight.prompt_file(path, flag)
+    return [np.asarray(render_prompt(tokenizer, r.messages), np.int64) for r in rows]
+
+
+def _fitting(prompts: list[np.ndarray], config: TrainConfig, where: str) -> list[np.ndarray]:
+    """The prompts that leave room for a completion of sample_max_new_tokens."""
     room = config.max_length + 1 - config.sample_max_new_tokens
     kept = [p for p in prompts if 0 < len(p) <= room]
     if not kept:
@@ -128,7 +174,8 @@ def load_prompts(
 
 
 class OnPolicy:
-    """Makes on-policy batches for one rank: sample, score, lay out."""
+    """Makes on-policy batches for one rank: sample, score, lay out; and, in a run without
+    ``data``, the held-out batches (``eval_batches``)."""
 
     def __init__(
         self,
@@ -138,33 +185,38 @@ class OnPolicy:
         vocab_size: int,
         rank: int,
         client: TeacherClient | None = None,
+        held_out: list[np.ndarray] | None = None,
+        world: int = 1,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.prompts = prompts
+        self.held_out = held_out or []
         self.vocab_size = vocab_size
         self.rank = rank
+        self.world = world
         self.client = client or TeacherClient(config.teacher_url or "")
         self.dataset = dataset_name(config)
-        self.sampler_seed = config.seed * 1_000_003 + rank
-        self.rng_state = torch.Generator().manual_seed(self.sampler_seed).get_state()
-        # The CUDA generator's state, from the first sample on a CUDA device on.
-        self.cuda_rng_state: torch.Tensor | None = None
+        self.sampler = SamplerRng.seeded(config.seed * 1_000_003 + rank)
         self.cost = StepCost()
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"rng": self.rng_state.clone()}
-        if self.cuda_rng_state is not None:
-            state["cuda_rng"] = self.cuda_rng_state.clone()
+        state = {"rng": self.sampler.cpu.clone()}
+        if self.sampler.cuda is not None:
+            state["cuda_rng"] = self.sampler.cuda.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng_state = state["rng"].clone()
         cuda = state.get("cuda_rng")
-        self.cuda_rng_state = None if cuda is None else cuda.clone()
+        self.sampler = SamplerRng(
+            self.sampler.seed, state["rng"].clone(), None if cuda is None else cuda.clone()
+        )
 
     def is_on_policy(self, step: int) -> bool:
-        """Step ``step`` (0-based) is on-policy with probability on_policy_fraction."""
+        """Step ``step`` (0-based) is on-policy with probability on_policy_fraction, once
+        the on_policy_warmup_steps are past."""
+        if step < self.config.on_policy_warmup_steps:
+            return False
         fraction = self.config.on_policy_fraction
         if fraction >= 1.0:
             return True
@@ -184,28 +236,55 @@ class OnPolicy:
         ``lockstep``: ranks generate together (FSDP)."""
         prompts = [self.prompts[i] for i in self.draw(step, micro)]
         start = time.perf_counter()
-        completions, student_top = self.sample(student, prompts, lockstep)
+        completions, student_top = self.sample(student, prompts, self.sampler, lockstep)
         sampled = time.perf_counter()
+        meta = {"step": step, "seed": self.config.seed, "rank": self.rank, "micro": micro}
+        batch, call = self._scored(prompts, completions, student_top, [meta] * len(prompts))
+        self.cost.add(call, sampled - start, time.perf_counter() - sampled)
+        return batch
+
+    def eval_batches(
+        self, student: torch.nn.Module, step: int, lockstep: bool = False
+    ) -> Iterator[OnPolicyBatch]:
+        """This rank's share of the held-out prompts, sampled by the student as it is at
+        ``step`` and scored by the teacher (``student`` and ``lockstep`` as in ``batch``).
+        Every evaluation samples with the same seed (``EVAL_STREAM``) and leaves the
+        training sampler's state alone, so evaluations differ only by the model and a
+        resumed run evaluates as a straight one. Every rank gets as many prompts (the
+        last ``len % world`` are left out), so under FSDP they sample in lockstep."""
+        rng = SamplerRng.seeded(self.config.seed * 1_000_003 + self.rank + EVAL_STREAM)
+        usable = len(self.held_out) - len(self.held_out) % self.world
+        mine = self.held_out[:usable][self.rank :: self.world]
+        size = self.config.batch_size
+        for start in range(0, len(mine), size):
+            prompts = mine[start : start + size]
+            completions, student_top = self.sample(student, prompts, rng, lockstep)
+            meta = {"eval_step": step, "seed": self.config.seed, "first": start, "rank": self.rank}
+            batch, _ = self._scored(prompts, completions, student_top, [meta] * len(prompts))
+            yield batch
+
+    def _scored(
+        self,
+        prompts: list[np.ndarray],
+        completions: list[np.ndarray],
+        student_top: list[np.ndarray],
+        metas: list[dict[str, Any]],
+    ) -> tuple[OnPolicyBatch, ScoreCall]:
+        """The samples scored by the teacher (and stored in the run's dataset, each row's
+        meta with its row number added), laid out as a batch."""
         pairs = []
-        for row, (prompt, completion, top) in enumerate(
-            zip(prompts, completions, student_top, strict=True)
+        for row, (prompt, completion, top, meta) in enumerate(
+            zip(prompts, completions, student_top, metas, strict=True)
         ):
             pair: dict[str, Any] = {
                 "prompt_ids": prompt.tolist(),
                 "completion_ids": completion.tolist(),
-                "meta": {
-                    "step": step,
-                    "seed": self.config.seed,
-                    "rank": self.rank,
-                    "micro": micro,
-                    "row": row,
-                },
+                "meta": {**meta, "row": row},
             }
             if self.config.score_top:
                 pair["score_ids"] = top.tolist()
             pairs.append(pair)
         scored, call = self.client.score(pairs, k=self.config.teacher_k, dataset=self.dataset)
-        self.cost.add(call, sampled - start, time.perf_counter() - sampled)
         examples = [
             Example(s.key, p, c, s.topk_ids, s.topk_logprobs, s.tail_logprob)
             for s, p, c in zip(scored, prompts, completions, strict=True)
@@ -219,14 +298,20 @@ class OnPolicy:
             score_ids = torch.zeros((batch.n_targets, 0), dtype=torch.long)
             score_lps = torch.zeros((batch.n_targets, 0), dtype=torch.float32)
         parts = {f.name: getattr(batch, f.name) for f in fields(batch)}
-        return OnPolicyBatch(**parts, score_ids=score_ids, score_logprobs=score_lps.float())
+        on_policy = OnPolicyBatch(**parts, score_ids=score_ids, score_logprobs=score_lps.float())
+        return on_policy, call
 
     @torch.no_grad()
     def sample(
-        self, student: torch.nn.Module, prompts: list[np.ndarray], lockstep: bool = False
+        self,
+        student: torch.nn.Module,
+        prompts: list[np.ndarray],
+        rng: SamplerRng,
+        lockstep: bool = False,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Completions of ``prompts`` (each ending at the first eos, which is kept) and the
-        student's top-``score_top`` ids at each completion position."""
+        student's top-``score_top`` ids at each completion position, drawn from ``rng``
+        (which then holds the states after them)."""
         config, device = self.config, next(student.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -255,16 +340,15 @@ class OnPolicy:
         student.eval()
         try:
             with torch.random.fork_rng(devices=[device] if cuda else []):
-                torch.set_rng_state(self.rng_state)
+                torch.set_rng_state(rng.cpu)
                 if cuda:
-                    if self.cuda_rng_state is None:
-                        seeded = torch.Generator(device).manual_seed(self.sampler_seed)
-                        self.cuda_rng_state = seeded.get_state()
-                    torch.cuda.set_rng_state(self.cuda_rng_state, device)
+                    if rng.cuda is None:
+                        rng.cuda = torch.Generator(device).manual_seed(rng.seed).get_state()
+                    torch.cuda.set_rng_state(rng.cuda, device)
                 out = student(generate=generate)
-                self.rng_state = torch.get_rng_state()
+                rng.cpu = torch.get_rng_state()
                 if cuda:
-                    self.cuda_rng_state = torch.cuda.get_rng_state(device)
+                    rng.cuda = torch.cuda.get_rng_state(device)
         finally:
             student.train(was_training)
         new = out.sequences[:, width:].cpu().numpy()

@@ -168,7 +168,8 @@ class CrossOnPolicy(OnPolicy):
         (``student`` and ``lockstep`` as in ``OnPolicy.batch``)."""
         chosen = self.draw(step, micro)
         start = time.perf_counter()
-        completions, tops = self.sample(student, [self.prompts[i] for i in chosen], lockstep)
+        prompts = [self.prompts[i] for i in chosen]
+        completions, tops = self.sample(student, prompts, self.sampler, lockstep)
         sampled = time.perf_counter()
         samples = [self._sample(c, top) for c, top in zip(completions, tops, strict=True)]
         pairs, sent = [], []
@@ -280,10 +281,15 @@ class CrossOnPolicy(OnPolicy):
 
 
 def open_cross_onpolicy(
-    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, data, vocab_size: int, rank: int
+    config: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    data,
+    vocab_size: int,
+    rank: int,
+    client: TeacherClient | None = None,
 ) -> CrossOnPolicy:
     """The on-policy step maker of a cross-tokenizer run (``data`` from
     ``aligned_data.open_aligned_data``: its source holds the run's ``Retokenizer``)."""
     retokenizer = data.source.retokenizer
     prompts = load_cross_prompts(config, tokenizer, retokenizer, data.source, data.train_units)
-    return CrossOnPolicy(config, tokenizer, prompts, vocab_size, rank, retokenizer)
+    return CrossOnPolicy(config, tokenizer, prompts, vocab_size, rank, retokenizer, client)

@@ -24,6 +24,7 @@ from .batching import Batch
 from .cross_tokenizer import CrossSpec, cross_head_loss
 from .onpolicy import OnPolicyBatch
 from .sparse_kd import LossSpec, chunked_head_loss, chunked_head_metrics, union_head_loss
+from .teacher_client import TeacherTokenizer
 
 # Config attributes of architectures whose logits are transformed after the linear head;
 # the chunked head computes hidden @ W.T only, so such students would train on wrong logits.
@@ -34,8 +35,15 @@ class TokenizerMismatch(ValueError):
     """The student's tokenizer is not the one the shards' token ids belong to."""
 
 
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, info: DatasetInfo) -> None:
-    """Refuse a student whose vocabulary differs from the teacher's in the shards.
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    info: DatasetInfo | TeacherTokenizer,
+    holder: str = "the shards were made with",
+) -> None:
+    """Refuse a student whose vocabulary differs from the teacher's: the one in the shards
+    (``info`` a dataset's ``DatasetInfo``), or the served one (``TeacherTokenizer``, with
+    ``holder`` naming the service).
 
     Compared by ``shared.keys.tokenizer_hash`` (vocabulary and special tokens), before any
     pad token is added. Top-k ids are only meaningful to a student with the same ids.
@@ -43,8 +51,8 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, info: Dataset
     got = tokenizer_hash(tokenizer)
     if got != info.tokenizer_hash:
         raise TokenizerMismatch(
-            f"the student's tokenizer ({name}, vocabulary hash {got[:12]}) is not the one the "
-            f"shards were made with ({info.tokenizer}, hash {info.tokenizer_hash[:12]}): the "
+            f"the student's tokenizer ({name}, vocabulary hash {got[:12]}) is not the one "
+            f"{holder} ({info.tokenizer}, hash {info.tokenizer_hash[:12]}): the "
             "teacher's top-k token ids would mean other tokens to this student. Add "
             "--cross-tokenizer (config: cross_tokenizer = true) to distil across tokenizers "
             "(the cached text is retokenized and aligned), or pick a student that shares the "
@@ -52,7 +60,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, info: Dataset
         )
     if len(tokenizer) != info.vocab_size:
         raise TokenizerMismatch(
-            f"the student's tokenizer has {len(tokenizer)} tokens, the shards say {info.vocab_size}"
+            f"the student's tokenizer has {len(tokenizer)} tokens, {holder} {info.vocab_size}"
         )
 
 
@@ -116,22 +124,47 @@ class DistillStudent(nn.Module):
         if isinstance(batch, AlignedBatch):
             return self._cross(hidden, weight, batch, evaluate)
         targets = (batch.labels, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob)
+        if evaluate and isinstance(batch, OnPolicyBatch):
+            return self._on_policy_metrics(hidden, weight, batch)
         if evaluate:
             return chunked_head_metrics(
                 hidden, weight, *targets, self.spec.vocab_size, self.spec.chunk_size
             )
         if isinstance(batch, OnPolicyBatch):  # the student's own samples (onpolicy.py)
-            return union_head_loss(
-                hidden,
-                weight,
-                batch.labels,
-                batch.topk_ids,
-                batch.topk_logprobs,
-                batch.score_ids,
-                batch.score_logprobs,
-                self.spec,
-            )
+            return self._union(hidden, weight, batch, self.spec)
         return chunked_head_loss(hidden, weight, *targets, self.spec)
+
+    @staticmethod
+    def _union(
+        hidden: torch.Tensor, weight: torch.Tensor, batch: OnPolicyBatch, spec: LossSpec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return union_head_loss(
+            hidden,
+            weight,
+            batch.labels,
+            batch.topk_ids,
+            batch.topk_logprobs,
+            batch.score_ids,
+            batch.score_logprobs,
+            spec,
+        )
+
+    def _on_policy_metrics(
+        self, hidden: torch.Tensor, weight: torch.Tensor, batch: OnPolicyBatch
+    ) -> torch.Tensor:
+        """Evaluation sums on the student's own samples: ``chunked_head_metrics``' four
+        (CE is then the student's own surprise), 0 bytes, and the reverse KL(student ||
+        teacher) at T=1 on the union of both top sets plus bucket, what GKD minimizes."""
+        targets = (batch.labels, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob)
+        sums = chunked_head_metrics(
+            hidden, weight, *targets, self.spec.vocab_size, self.spec.chunk_size
+        )
+        spec = LossSpec(
+            vocab_size=self.spec.vocab_size, loss="reverse_kl", chunk_size=self.spec.chunk_size
+        )
+        with torch.no_grad():
+            _, (reverse_kl, _) = self._union(hidden, weight, batch, spec)
+        return torch.cat([sums, sums.new_zeros(1), reverse_kl.double().view(1)])
 
     def _cross(
         self, hidden: torch.Tensor, weight: torch.Tensor, batch: AlignedBatch, evaluate: bool

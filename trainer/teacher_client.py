@@ -12,6 +12,9 @@ What this file decides, and why:
 - ``score_logprobs`` come back as [positions, s]; a request that asked fewer ids at some
   positions (cross-tokenizer steps ask only where a position is the same text on both
   sides) gets them padded with -inf.
+- Before a run loads its student, ``/readyz`` names the teacher's tokenizer (its hash and
+  size), so a student whose ids mean other tokens is refused up front; a teacher still
+  loading is waited for, as its Retry-After says.
 - ``score_ids`` a backend cannot answer (vLLM: 400 naming score_ids) switch the client to
   the teacher's top-k only, with one warning for the whole run; the union loss then has
   the student's ids with no teacher value, which ``union_teacher_log_probs`` reads from
@@ -56,6 +59,16 @@ class ScoredSequence:
     score_logprobs: np.ndarray | None
     cached: bool
     token_logprob: np.ndarray
+
+
+@dataclass(frozen=True)
+class TeacherTokenizer:
+    """The served teacher's tokenizer, as its ``/readyz`` names it: what a student's ids
+    must mean for the teacher's answers to be about the student's tokens."""
+
+    tokenizer: str
+    tokenizer_hash: str
+    vocab_size: int
 
 
 @dataclass
@@ -106,7 +119,7 @@ class TeacherClient:
         body: dict[str, Any] = {"pairs": pairs, "dataset": dataset}
         if k is not None:
             body["k"] = k
-        response = self._post("/v1/score", body)
+        response = self._request("POST", "/v1/score", body)
         if response.status_code == 400 and "score_ids" in response.text:
             log.warning(
                 "teacher at %s cannot return log-probs at score_ids (%s); training on the "
@@ -123,11 +136,33 @@ class TeacherClient:
             )
         return _decode(response.content)
 
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    def tokenizer(self) -> TeacherTokenizer:
+        """The teacher's tokenizer (``GET /readyz``). A teacher still loading is waited for
+        as its Retry-After says; one whose model failed to load is a one-line error."""
+        while True:
+            response = self._request("GET", "/readyz", answered=(503,))
+            body = response.json()
+            if response.status_code == 200:
+                return TeacherTokenizer(
+                    body["tokenizer"], body["tokenizer_hash"], body["vocab_size"]
+                )
+            if body.get("status") != "loading":
+                raise RuntimeError(f"teacher at {self.url}: {body.get('error', body)}")
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        answered: tuple[int, ...] = (),
+    ) -> httpx.Response:
+        """The response to the first try that reaches the teacher and is not a 429 or a
+        5xx (those in ``answered`` are answers too)."""
         failures = 0
         while True:
             try:
-                response = self.http.post(path, json=body)
+                response = self.http.request(method, path, json=body)
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {e}"
             else:
@@ -135,7 +170,7 @@ class TeacherClient:
                     self.busy_waits += 1
                     time.sleep(float(response.headers.get("Retry-After", "1")))
                     continue
-                if response.status_code < 500:
+                if response.status_code < 500 or response.status_code in answered:
                     return response
                 problem = f"HTTP {response.status_code}"
             failures += 1

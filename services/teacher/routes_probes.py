@@ -29,6 +29,9 @@ async def readyz(state: State) -> JSONResponse:
             else {"status": "loading"}
         )
         return JSONResponse(body, 503, headers={"Retry-After": str(LOADING_RETRY_AFTER)})
+    identity = rt.store.identity
+    # The tokenizer fields let a client (the trainer's on-policy steps) check that its ids
+    # mean the teacher's tokens before it loads anything.
     return JSONResponse(
         {
             "status": "ready",
@@ -36,6 +39,9 @@ async def readyz(state: State) -> JSONResponse:
             "backend": rt.backend.name,
             "max_k": rt.service.max_k,
             "max_model_len": rt.backend.max_model_len,
+            "tokenizer": identity.tokenizer,
+            "tokenizer_hash": identity.tokenizer_hash,
+            "vocab_size": identity.vocab_size,
         }
     )
 
