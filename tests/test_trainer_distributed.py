@@ -109,6 +109,8 @@ def onpolicy_run(world, onpolicy_world, out: Path, *extra: str) -> subprocess.Co
         "--student", str(onpolicy_world["student"]), "--loss", "reverse_kl",
         "--on-policy-fraction", "0.75", "--teacher-url", onpolicy_world["url"],
         "--sample-max-new-tokens", "40", "--max-length", "128",
+        # One sample per micro-batch: a rank stops at its own sample's length.
+        "--batch-size", "1",
         *extra,
     )  # fmt: skip
 
