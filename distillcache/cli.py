@@ -95,7 +95,7 @@ def demo(
     (every 5th teacher layer) train from the shards: KD, SFT, GKD (on-policy after a
     warm-up on the shards, scored by a live teacher) and KD on GPT-2's tokenizer
     (cross-tokenizer); report.md compares them and says which margins are beyond the seed
-    noise. About 10 minutes on 2 quiet CPU cores. A second run is served from the cache.
+    noise. About 8 minutes on 2 quiet CPU cores. A second run is served from the cache.
     """
     from distillcache.demo import DemoConfig, run_demo
 

@@ -66,8 +66,8 @@ KINDS: tuple[StudentKind, ...] = get_args(StudentKind)  # the report's row order
 
 
 class DemoConfig(BaseModel):
-    """Sizes that fit the whole demo in 15 minutes on 2 CPU cores (8.4 measured without the
-    GKD student, about 10 with it by measured parts: docs/benchmarks.md)."""
+    """Sizes that fit the whole demo in 15 minutes on 2 CPU cores (7.7 measured on a quiet
+    machine, converting the teacher included: docs/benchmarks.md)."""
 
     out_dir: Path = Field(Path("demo-out"), description="Where the store, runs and report go.")
     cache_dir: Path = Field(Path(".cache"), description="Downloaded and converted models, data.")
@@ -87,11 +87,10 @@ class DemoConfig(BaseModel):
     seeds: dict[StudentKind, int] = Field(
         default_factory=lambda: {"kd": 1, "sft": 1, "gkd": 1, "xt-kd": 1, "xt-sft": 0},
         description="Training runs per kind of student (seeds 0, 1, ...; 0 leaves a kind "
-        "out). One each of KD, SFT, GKD and cross-tokenizer KD: about 10 minutes on a "
-        "quiet 2-core machine (docs/benchmarks.md; GKD is about 1.4 of them, `gkd=0` "
-        "leaves it out), so the report shows no spread and says so; `distill demo --seeds "
-        "kd=2,sft=2,xt-sft=1` buys the spread and the cross-tokenizer SFT baseline, with "
-        "more minutes.",
+        "out). One each of KD, SFT, GKD and cross-tokenizer KD: 7.7 minutes on a quiet "
+        "2-core machine (docs/benchmarks.md; `gkd=0` leaves GKD out), so the report shows "
+        "no spread and says so; `distill demo --seeds kd=2,sft=2,xt-sft=1` buys the "
+        "spread and the cross-tokenizer SFT baseline, with more minutes.",
     )
     gkd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl",
