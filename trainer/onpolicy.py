@@ -137,13 +137,7 @@ def load_prompts(
         prompts = _rendered(config.prompts, "--prompts", tokenizer)
         where = config.prompts
     else:
-        seen: dict[bytes, np.ndarray] = {}
-        for example in iter_held_out(source, units, rank=0, world=1):
-            ids = np.asarray(example.prompt_ids, np.int64)
-            seen.setdefault(ids.tobytes(), ids)
-            if len(seen) >= MAX_DATA_PROMPTS:
-                break
-        prompts = list(seen.values())
+        prompts = data_prompts(source, units)
         where = config.data
     held: list[np.ndarray] = []
     if config.data is None and config.eval_data is not None:
@@ -154,6 +148,17 @@ def load_prompts(
         prompts, held = split_held_out(prompts, config.eval_fraction, lambda p: p.tobytes().hex())
         held = _fitting(held, config, where)
     return _fitting(prompts, config, where), held
+
+
+def data_prompts(source: Source, units: list[Any]) -> list[np.ndarray]:
+    """The distinct prompts (ids) of the training data, at most ``MAX_DATA_PROMPTS``."""
+    seen: dict[bytes, np.ndarray] = {}
+    for example in iter_held_out(source, units, rank=0, world=1):
+        ids = np.asarray(example.prompt_ids, np.int64)
+        seen.setdefault(ids.tobytes(), ids)
+        if len(seen) >= MAX_DATA_PROMPTS:
+            break
+    return list(seen.values())
 
 
 def _rendered(path: str, flag: str, tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:

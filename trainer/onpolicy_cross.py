@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillcache.shared.inputs import load_input_rows, render_prompt
+from distillcache import preflight
+from distillcache.shared.inputs import render_prompt
 from distillcache.shared.keys import tokenizer_hash
 
 from .aligned_data import (
@@ -64,8 +65,7 @@ from .aligned_data import (
     collate_aligned,
 )
 from .config import TrainConfig
-from .onpolicy import MAX_DATA_PROMPTS, OnPolicy
-from .stream import iter_held_out
+from .onpolicy import OnPolicy, data_prompts
 from .teacher_client import ScoreCall, TeacherClient
 
 
@@ -90,9 +90,7 @@ def load_cross_prompts(
     teacher's ids, and their text encoded for the student as off-policy rows are); those
     leaving the student no room for a completion are dropped."""
     if config.prompts is not None:
-        rows, errors = load_input_rows(config.prompts)
-        if errors:
-            raise ValueError(f"{config.prompts}: {len(errors)} bad rows; first: {errors[0]}")
+        rows = preflight.prompt_file(config.prompts, "--prompts")
         prompts = [
             CrossPrompt(
                 np.asarray(render_prompt(tokenizer, r.messages), np.int64),
@@ -102,15 +100,9 @@ def load_cross_prompts(
         ]
         where = config.prompts
     else:
-        seen: dict[bytes, np.ndarray] = {}
-        for example in iter_held_out(source.shards, units, rank=0, world=1):
-            ids = np.asarray(example.prompt_ids, np.int64)
-            seen.setdefault(ids.tobytes(), ids)
-            if len(seen) >= MAX_DATA_PROMPTS:
-                break
         prompts = [
             CrossPrompt(retokenizer.prompt(ids).astype(np.int64), {"prompt_ids": ids.tolist()})
-            for ids in seen.values()
+            for ids in data_prompts(source.shards, units)
         ]
         where = config.data
     room = config.max_length + 1 - config.sample_max_new_tokens
